@@ -349,3 +349,47 @@ def _backward(ctx, grad_out: Tensor):
 
 
 _deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Device kernels. The default implementation above (every device) is the portable kernel; a
+# device listed here gets its own kernel module when that module imports, and
+# DEFORMCONV_<DEVICE>_KERNEL=portable forces the portable one (for comparisons and debugging).
+
+_DEVICE_KERNELS = {"cuda": "deformconv.ops._triton"}
+
+
+def kernel_module(device_type: str):
+    """The kernel module that runs deformable convolution on ``device_type`` ("cpu", "cuda"...).
+
+    Example:
+        >>> kernel_module("meta").__name__
+        'deformconv.ops._portable'
+    """
+    import importlib
+    import os
+
+    name = _DEVICE_KERNELS.get(device_type)
+    if name is None or os.environ.get(f"DEFORMCONV_{device_type.upper()}_KERNEL") == "portable":
+        return _portable
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return _portable
+
+
+def _register_device(device_type: str) -> None:
+    def forward(input, offset, mask, weight, bias, *params):
+        kernel = kernel_module(device_type).forward
+        return _run_forward(kernel, input, offset, mask, weight, bias, tuple(params))
+
+    def backward(grad_out, input, offset, mask, weight, bias, *params):
+        kernel = kernel_module(device_type).backward
+        return _run_backward(kernel, grad_out, input, offset, mask, weight, bias, tuple(params))
+
+    _deform_conv2d_op.register_kernel(device_type)(forward)
+    _deform_conv2d_backward_op.register_kernel(device_type)(backward)
+
+
+for _device in _DEVICE_KERNELS:
+    _register_device(_device)
