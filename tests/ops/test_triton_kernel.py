@@ -1,6 +1,6 @@
 """The Triton (CUDA) kernel against the portable kernel. Without a GPU the kernels run in
-Triton's interpreter (``TRITON_INTERPRET=1``, set here before Triton compiles anything), on small
-shapes; with a GPU they run on it through the dispatcher."""
+Triton's interpreter (``TRITON_INTERPRET=1``, set by the root conftest.py before any Triton
+function is defined), on small shapes; with a GPU they run on it."""
 
 from __future__ import annotations
 
