@@ -469,3 +469,26 @@ def test_forward_backward_of_a_large_batch_stays_within_the_budget() -> None:
     unchunked_columns = 256 * 64 * 9 * 32 * 32 * 4
     assert added < tensors + 12 * 32 * 2**20, (added, tensors)
     assert added < unchunked_columns
+
+
+@pytest.mark.parametrize("position", [-1.0, -0.5, 0.0, 5.0, 5.5, 6.0, -1.5], ids=str)
+def test_gradients_on_the_image_edge_match_torchvision(position: float) -> None:
+    """Taps placed exactly on and around the border, where one-sided derivatives differ."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 2, 6, 6, generator=gen, dtype=torch.float64)
+    w = torch.randn(2, 2, 1, 1, generator=gen, dtype=torch.float64)
+    mask = torch.rand(1, 1, 6, 6, generator=gen, dtype=torch.float64)
+    rows = torch.arange(6, dtype=torch.float64).view(6, 1).expand(6, 6)
+    cols = torch.arange(6, dtype=torch.float64).view(1, 6).expand(6, 6)
+    # Every output pixel samples row `position` (first offset) or column `position` (second).
+    for dy, dx in ((position - rows, torch.zeros(6, 6)), (torch.zeros(6, 6), position - cols)):
+        offset = torch.stack((dy, dx)).unsqueeze(0)
+        tensors = {"input": x, "offset": offset, "weight": w, "bias": None, "mask": mask}
+        cfg = Config(1, 2, 2, 1, 1, (1, 1), (1, 1), (0, 0), (1, 1), (6, 6), True, False)
+        ours, our_grads = _forward_backward(deform_conv2d, cfg, tensors)
+        theirs, their_grads = _forward_backward(torchvision.ops.deform_conv2d, cfg, tensors)
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+        for name in our_grads:
+            torch.testing.assert_close(
+                our_grads[name], their_grads[name], rtol=1e-12, atol=1e-12, msg=name
+            )

@@ -72,9 +72,11 @@ class _Plan:
         off = offset.reshape(n, groups, taps, 2, pixels)
         py = base_y.reshape(taps, pixels) + off[:, :, :, 0]
         px = base_x.reshape(taps, pixels) + off[:, :, :, 1]
-        # A tap outside (-1, H) x (-1, W), or at a non-finite position, reads zero and has no
+        # A tap outside [-1, H) x [-1, W), or at a non-finite position, reads zero and has no
         # offset gradient, as in torchvision; comparisons with NaN are false, so NaN lands here.
-        inside = (py > -1) & (py < height) & (px > -1) & (px < width)
+        # On the edge row or column -1 it reads zero but, as in torchvision, has an offset
+        # gradient towards the image.
+        inside = (py >= -1) & (py < height) & (px >= -1) & (px < width)
         py = torch.where(inside, py, -1.0)
         px = torch.where(inside, px, -1.0)
         y0 = py.floor()

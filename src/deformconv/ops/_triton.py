@@ -58,8 +58,9 @@ def _corners(
     dx = tl.load(obase + P + p, mask=pm, other=0.0)
     py = (oy * sh - ph + i * dh).to(dy.dtype) + dy
     px = (ox * sw - pw + j * dw).to(dx.dtype) + dx
-    # Outside (-1, H) x (-1, W), or NaN: the tap reads zero and gets no offset gradient.
-    inside = (py > -1) & (py < H) & (px > -1) & (px < W)
+    # Outside [-1, H) x [-1, W), or NaN: the tap reads zero and gets no offset gradient (on the
+    # edge -1 it reads zero but has a gradient, as in torchvision).
+    inside = (py >= -1) & (py < H) & (px >= -1) & (px < W)
     py = tl.where(inside, py, -1.0)
     px = tl.where(inside, px, -1.0)
     y0f = tl.floor(py)
