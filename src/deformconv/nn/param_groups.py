@@ -33,6 +33,7 @@ def offset_param_groups(
         {"params": offsets, "lr": lr * offset_lr_mult}]`` (the second omitted if empty).
 
     Example:
+        >>> import torch
         >>> model = torch.nn.Sequential(DeformableConv2d(3, 8, 3), torch.nn.ReLU())
         >>> groups = offset_param_groups(model, lr=0.1)
         >>> [len(g["params"]) for g in groups], groups[1]["lr"]

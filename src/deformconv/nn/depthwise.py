@@ -1,0 +1,207 @@
+"""Depthwise convolution: one spatial filter bank per input channel.
+
+A depthwise convolution convolves every input channel with ``depth_multiplier`` filters of its
+own and never mixes channels, so ``in_channels * depth_multiplier`` maps come out. It is the first
+half of the depthwise separable convolution of MobileNets (Howard et al., 2017,
+arXiv:1704.04861) and Xception (Chollet, 2017, arXiv:1610.02357).
+
+Output channel ``c * depth_multiplier + m`` is filter ``m`` of input channel ``c``: the order
+of ``torch.nn.Conv2d(groups=in_channels)`` and of Keras ``DepthwiseConv2D``, so weights move
+between them with a reshape.
+
+``padding="same"`` follows TensorFlow's rule for every stride: the output has
+``ceil(size / stride)`` positions and, when the total padding is odd, the extra row or column
+goes to the bottom or right. PyTorch's own ``"same"`` agrees for stride 1 and refuses larger
+strides.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["DepthwiseConv2d", "pad_same", "same_padding"]
+
+PaddingArg = int | tuple[int, int] | str
+
+
+def _pair(value: int | tuple[int, int], name: str, minimum: int) -> tuple[int, int]:
+    """``value`` as a checked ``(height, width)`` pair of ints no smaller than ``minimum``."""
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def _padding(value: PaddingArg) -> tuple[int, int] | str:
+    """``value`` as a pair of non-negative ints, or ``"same"``; ``"valid"`` becomes ``(0, 0)``."""
+    if isinstance(value, str):
+        if value not in ("same", "valid"):
+            raise ValueError(
+                f"padding must be an int, a pair of ints, 'same' or 'valid', got {value!r}"
+            )
+        return (0, 0) if value == "valid" else "same"
+    return _pair(value, "padding", 0)
+
+
+def same_padding(
+    size: int, kernel_size: int, stride: int = 1, dilation: int = 1
+) -> tuple[int, int]:
+    """TensorFlow's ``"same"`` padding of one spatial dimension, as ``(before, after)``.
+
+    The output keeps ``ceil(size / stride)`` positions; an odd total puts the extra element after.
+
+    Args:
+        size: input length along the dimension.
+        kernel_size: kernel length along the dimension.
+        stride: stride along the dimension.
+        dilation: dilation along the dimension.
+
+    Returns:
+        The zeros to add before and after the input.
+
+    Example:
+        >>> same_padding(12, 5)
+        (2, 2)
+        >>> same_padding(12, 4, stride=2)
+        (1, 1)
+        >>> same_padding(13, 4, stride=2)
+        (1, 2)
+    """
+    for name, value, low in (
+        ("size", size, 0),
+        ("kernel_size", kernel_size, 1),
+        ("stride", stride, 1),
+        ("dilation", dilation, 1),
+    ):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    extent = dilation * (kernel_size - 1) + 1
+    total = max((math.ceil(size / stride) - 1) * stride + extent - size, 0)
+    return total // 2, total - total // 2
+
+
+def pad_same(
+    input: Tensor,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] = 1,
+    dilation: int | tuple[int, int] = 1,
+) -> Tensor:
+    """Zero-pad the last two dimensions of ``input`` by TensorFlow's ``"same"`` rule.
+
+    Args:
+        input: ``Tensor[..., height, width]``.
+        kernel_size: kernel ``(kh, kw)`` or one int for both.
+        stride: stride ``(sh, sw)`` or one int.
+        dilation: dilation ``(dh, dw)`` or one int.
+
+    Returns:
+        ``Tensor[..., height + pad_h, width + pad_w]``: after a convolution with these settings and
+        no further padding, the output is ``ceil(height / sh) x ceil(width / sw)``.
+
+    Example:
+        >>> pad_same(torch.zeros(1, 1, 13, 12), 4, stride=2).shape
+        torch.Size([1, 1, 16, 14])
+    """
+    (kh, kw), (sh, sw) = _pair(kernel_size, "kernel_size", 1), _pair(stride, "stride", 1)
+    dh, dw = _pair(dilation, "dilation", 1)
+    top, bottom = same_padding(input.shape[-2], kh, sh, dh)
+    left, right = same_padding(input.shape[-1], kw, sw, dw)
+    if top == bottom == left == right == 0:
+        return input
+    return F.pad(input, (left, right, top, bottom))
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """Depthwise 2-D convolution: ``depth_multiplier`` filters per input channel.
+
+    A ``torch.nn.Conv2d`` with ``groups=in_channels`` (same ``weight`` and ``bias`` parameters and
+    state dict), which also accepts TensorFlow's ``padding="same"`` at any stride.
+
+    Args:
+        in_channels: channels ``C`` of the input.
+        kernel_size: kernel ``(kh, kw)`` or one int.
+        depth_multiplier: filters per input channel; ``C * depth_multiplier`` channels come out.
+        stride: stride ``(sh, sw)`` or one int.
+        padding: zeros added on both sides ``(ph, pw)``, one int, ``"valid"`` (none) or ``"same"``
+            (TensorFlow's rule, see :func:`same_padding`).
+        dilation: spacing of the kernel taps ``(dh, dw)`` or one int.
+        bias: add a learned bias per output channel.
+
+    Shape:
+        - input: ``(B, C, H, W)``
+        - output: ``(B, C * depth_multiplier, H_out, W_out)``, where
+          ``H_out = floor((H + 2 * ph - dh * (kh - 1) - 1) / sh) + 1``, or ``ceil(H / sh)`` for
+          ``"same"``.
+
+    Attributes:
+        weight: ``Tensor[C * depth_multiplier, 1, kh, kw]``; row ``c * depth_multiplier + m`` is
+            filter ``m`` of input channel ``c``.
+        bias: ``Tensor[C * depth_multiplier]`` or ``None``.
+
+    Example:
+        >>> layer = DepthwiseConv2d(3, kernel_size=5, depth_multiplier=2)
+        >>> layer(torch.rand(1, 3, 12, 12)).shape
+        torch.Size([1, 6, 8, 8])
+        >>> DepthwiseConv2d(3, 4, stride=2, padding="same")(torch.rand(1, 3, 13, 13)).shape
+        torch.Size([1, 3, 7, 7])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        kernel_size: int | tuple[int, int],
+        depth_multiplier: int = 1,
+        stride: int | tuple[int, int] = 1,
+        padding: PaddingArg = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        if not isinstance(depth_multiplier, int) or depth_multiplier < 1:
+            raise ValueError(f"depth_multiplier must be a positive int, got {depth_multiplier!r}")
+        pad = _padding(padding)
+        super().__init__(
+            in_channels,
+            in_channels * depth_multiplier,
+            _pair(kernel_size, "kernel_size", 1),
+            stride=_pair(stride, "stride", 1),
+            padding=(0, 0) if pad == "same" else pad,
+            dilation=_pair(dilation, "dilation", 1),
+            groups=in_channels,
+            bias=bias,
+            device=device,
+            dtype=dtype,
+        )
+        self.depth_multiplier = depth_multiplier
+        # torch's own "same" refuses strides above 1, so the padding is applied in forward().
+        self.padding = pad
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Convolve ``Tensor[B, C, H, W]`` into ``Tensor[B, C * depth_multiplier, H_out, W_out]``."""
+        if self.padding != "same":
+            return super().forward(input)
+        padded = pad_same(input, self.kernel_size, self.stride, self.dilation)
+        return F.conv2d(padded, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        parts = [f"{self.in_channels}", f"kernel_size={self.kernel_size}"]
+        if self.depth_multiplier != 1:
+            parts.append(f"depth_multiplier={self.depth_multiplier}")
+        if self.stride != (1, 1):
+            parts.append(f"stride={self.stride}")
+        if self.padding != (0, 0):
+            parts.append(f"padding={self.padding!r}")
+        if self.dilation != (1, 1):
+            parts.append(f"dilation={self.dilation}")
+        if self.bias is None:
+            parts.append("bias=False")
+        return ", ".join(parts)
