@@ -28,11 +28,6 @@ _BLOCK_P = 64
 def _corners(
     off_ptr,
     mask_ptr,
-    n,
-    g,
-    k,
-    p,
-    pm,
     G,
     K,
     kw,
@@ -47,8 +42,16 @@ def _corners(
     dh,
     dw,
     HAS_MASK: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
-    """Bilinear corner coordinates and (modulated) weights of a block of pixels of one tap."""
+    """This program's image, offset group, tap and block of pixels (from program ids 0 and 1),
+    and the bilinear corner coordinates and (modulated) weights of those pixels."""
+    pid_ngk = tl.program_id(1)
+    k = pid_ngk % K
+    g = (pid_ngk // K) % G
+    n = (pid_ngk // (K * G)).to(tl.int64)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pm = p < P
     oy = p // Wo
     ox = p % Wo
     i = k // kw
@@ -73,7 +76,7 @@ def _corners(
         m = tl.load(mask_ptr + ((n * G + g) * K + k) * P + p, mask=pm, other=0.0)
     else:
         m = tl.full(ly.shape, 1.0, ly.dtype)
-    return y0, x0, ly, lx, m, inside
+    return n, g, k, p, pm, y0, x0, ly, lx, m, inside
 
 
 @triton.jit
@@ -129,18 +132,10 @@ def _im2col_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_ngk = tl.program_id(1)
-    pid_c = tl.program_id(2)
-    k = pid_ngk % K
-    g = (pid_ngk // K) % G
-    n = (pid_ngk // (K * G)).to(tl.int64)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    pm = p < P
-    y0, x0, ly, lx, m, _inside = _corners(
-        off_ptr, mask_ptr, n, g, k, p, pm, G, K, kw, H, W, P, Wo, sh, sw, ph, pw, dh, dw, HAS_MASK
+    n, g, k, p, pm, y0, x0, ly, lx, m, _inside = _corners(
+        off_ptr, mask_ptr, G, K, kw, H, W, P, Wo, sh, sw, ph, pw, dh, dw, HAS_MASK, BLOCK_P
     )
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < Cg
     ch = g * Cg + c
     base = x_ptr + n * sxn
@@ -192,15 +187,8 @@ def _col2im_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_ngk = tl.program_id(1)
-    k = pid_ngk % K
-    g = (pid_ngk // K) % G
-    n = (pid_ngk // (K * G)).to(tl.int64)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    pm = p < P
-    y0, x0, ly, lx, m, inside = _corners(
-        off_ptr, mask_ptr, n, g, k, p, pm, G, K, kw, H, W, P, Wo, sh, sw, ph, pw, dh, dw, HAS_MASK
+    n, g, k, p, pm, y0, x0, ly, lx, m, inside = _corners(
+        off_ptr, mask_ptr, G, K, kw, H, W, P, Wo, sh, sw, ph, pw, dh, dw, HAS_MASK, BLOCK_P
     )
     hy = 1 - ly
     hx = 1 - lx
