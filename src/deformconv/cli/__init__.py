@@ -7,7 +7,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-_COMMANDS: tuple[str, ...] = ("check",)
+_COMMANDS: tuple[str, ...] = ("check", "cost", "factor", "demo", "visualize", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

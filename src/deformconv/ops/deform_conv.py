@@ -356,7 +356,7 @@ _deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 # device listed here gets its own kernel module when that module imports, and
 # DEFORMCONV_<DEVICE>_KERNEL=portable forces the portable one (for comparisons and debugging).
 
-_DEVICE_KERNELS = {"cuda": "deformconv.ops._triton"}
+_DEVICE_KERNELS = {"cpu": "deformconv.ops._cpu", "cuda": "deformconv.ops._triton"}
 
 
 def kernel_module(device_type: str):
