@@ -227,6 +227,21 @@ def test_load_image_inverts_dark_on_light(tmp_path):
     assert float(kept[0, 0, 0]) > 0.9
 
 
+@pytest.mark.parametrize(("fit", "rows"), [(0.625, 10), (None, 2)])
+def test_load_image_fits_the_content_to_the_training_digit_size(tmp_path, fit, rows):
+    from PIL import Image
+
+    small = np.zeros((64, 64), np.uint8)
+    small[10:18, 40:44] = 255  # a bright 8x4 stroke in a corner
+    path = tmp_path / "small.png"
+    Image.fromarray(small).save(path)
+    image = load_image(path, 16, fit=fit)
+    lit = np.flatnonzero((image[0] > 0.5).any(1).numpy())
+    assert lit.size == pytest.approx(rows, abs=1)
+    if fit is not None:
+        assert (lit[0] + lit[-1]) / 2 == pytest.approx(7.5, abs=1)
+
+
 def test_load_image_errors(tmp_path):
     text = tmp_path / "notes.png"
     text.write_text("not an image")
@@ -236,3 +251,5 @@ def test_load_image_errors(tmp_path):
         load_image(tmp_path / "missing.png", 16)
     with pytest.raises(ValueError, match="invert must be 'auto', 'yes' or 'no'"):
         load_image(text, 16, invert="maybe")
+    with pytest.raises(ValueError, match=r"fit must be in \(0, 1\] or None"):
+        load_image(text, 16, fit=1.5)

@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -342,10 +341,9 @@ _FIGURE_DPI = 100
 def _write_outputs(result, staging: Path, figures: bool, environment: dict[str, Any]) -> None:
     from deformconv.demo.models import save_checkpoint
 
-    deformable_rows = {1: "deformable CNN", 2: "deformable: offsets"}
     models = {}
     for protocol in result.protocols:
-        model = protocol.models[deformable_rows[protocol.protocol]]
+        model = protocol.models[protocol.deformable]
         models[protocol.protocol] = model
         save_checkpoint(
             model,
@@ -512,9 +510,3 @@ def _report(result, files: list[Path], out: Path, environment: dict[str, Any]) -
     console.print(
         f"wrote {len(files)} files to {out}: " + ", ".join(f.name for f in files), markup=False
     )
-
-
-if __name__ == "__main__":
-    from deformconv.cli import main
-
-    sys.exit(main(["demo", *sys.argv[1:]]))

@@ -68,6 +68,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "one on the background)",
     )
     parser.add_argument(
+        "--no-fit",
+        action="store_true",
+        help="use the whole image as it is (default: crop to the content and centre it at the "
+        "training digits' size, 5/8 of the side)",
+    )
+    parser.add_argument(
         "--invert",
         choices=("auto", "yes", "no"),
         default="auto",
@@ -127,7 +133,9 @@ def run(args: argparse.Namespace) -> int:
     if deformable == 0:
         return fail(f"model {model_path} has no deformable layers: nothing to visualise")
     try:
-        image = load_image(args.image, model.config.image_size, args.invert)
+        image = load_image(
+            args.image, model.config.image_size, args.invert, None if args.no_fit else 0.625
+        )
     except DataError as exc:
         return fail(str(exc))
 

@@ -162,10 +162,12 @@ class ModelResult:
 
 @dataclass
 class ProtocolResult:
-    """The rows of one protocol and its trained models (by row name)."""
+    """The rows of one protocol and its trained models (by row name); ``deformable`` names the
+    row of its deformable model."""
 
     protocol: int
     title: str
+    deformable: str
     rows: list[ModelResult] = field(default_factory=list)
     models: dict[str, DigitCNN] = field(default_factory=dict)
 
@@ -269,7 +271,7 @@ def run_protocol1(
     progress: ProgressCallback | None = None,
 ) -> ProtocolResult:
     """Regular and deformable CNN, same initial weights, both trained on deformed digits."""
-    result = ProtocolResult(1, "Protocol 1: both trained on deformed digits")
+    result = ProtocolResult(1, "Protocol 1: both trained on deformed digits", "deformable CNN")
     regular = _regular(config, device, config.seed)
     deformable = deformable_twin(regular, config.deformable, config.modulated)
     schedule = config.train_config()
@@ -296,7 +298,9 @@ def run_protocol2(
 ) -> ProtocolResult:
     """Regular CNN on plain digits; then only new offset branches (or, as a control, all
     weights of a copy) trained on deformed digits."""
-    result = ProtocolResult(2, "Protocol 2: regular CNN trained on plain digits, then adapted")
+    result = ProtocolResult(
+        2, "Protocol 2: regular CNN trained on plain digits, then adapted", "deformable: offsets"
+    )
     regular = _regular(config, device, config.seed + 7)
     training = train(
         regular,
@@ -323,7 +327,7 @@ def run_protocol2(
         task="P2 deformable: offsets only",
         progress=progress,
     )
-    name = "deformable: offsets"
+    name = result.deformable
     result.rows.append(_row(name, twin, data, training, _offset_parameters(twin)))
     result.models[name] = twin
 

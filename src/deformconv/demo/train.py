@@ -162,10 +162,15 @@ def init_distributed(device: str = "auto") -> DistributedContext:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     rank, world_size = _context()
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if world_size > 1 and not use_cuda and "OMP_NUM_THREADS" not in os.environ:
-        # Processes sharing one machine would otherwise each start a thread per core.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world_size > 1 and not use_cuda:
+        # Processes sharing one machine must share its cores. Numba's thread pool (the CPU
+        # kernel) would otherwise start one thread per core and, sharing the OpenMP runtime,
+        # raise PyTorch's thread count with it; NUMBA_NUM_THREADS is read when Numba loads.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        default = max(1, (os.cpu_count() or 1) // local_world)
+        threads = int(os.environ.get("OMP_NUM_THREADS", default))
+        os.environ.setdefault("NUMBA_NUM_THREADS", str(threads))
+        torch.set_num_threads(threads)
     if use_cuda:
         torch.cuda.set_device(local_rank)
         return DistributedContext(rank, world_size, torch.device("cuda", local_rank))
