@@ -16,8 +16,10 @@ script measures how much CPU they took during each shape and says so under the t
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -206,14 +208,10 @@ def _onnx_forward(shape: Shape, t: dict[str, torch.Tensor]) -> Callable[[], obje
     return lambda: session.run(None, feed)
 
 
-def median_ms(fn: Callable[[], object], min_run_time: float, retries: int = 3) -> float:
-    """Median of ``Timer.blocked_autorange`` after a warm-up call.
-
-    A measurement during which other processes took more than a tenth of a core is repeated (up
-    to ``retries`` times) and the least disturbed one kept: this machine may be shared.
-    """
-    fn()
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=THREADS)
+def _clean_median(timer: Timer, min_run_time: float, retries: int = 3) -> float:
+    """Median of ``timer.blocked_autorange``; a measurement during which other processes took
+    more than a tenth of a core is repeated (up to ``retries`` times) and the least disturbed
+    one kept, as this machine may be shared."""
     best = None
     for _ in range(retries + 1):
         with _Interference() as load:
@@ -225,6 +223,19 @@ def median_ms(fn: Callable[[], object], min_run_time: float, retries: int = 3) -
             break
         time.sleep(2.0)
     return best[1]
+
+
+def _portable(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with the dispatcher forced to the portable kernel (it reads the variable per call)."""
+
+    def wrapped():
+        os.environ["DEFORMCONV_CPU_KERNEL"] = "portable"
+        try:
+            return fn()
+        finally:
+            del os.environ["DEFORMCONV_CPU_KERNEL"]
+
+    return wrapped
 
 
 class _Interference:
@@ -255,21 +266,40 @@ class _Interference:
         return t.user + t.system + t.children_user + t.children_system
 
 
-def measure_times(shape: Shape, min_run_time: float, methods) -> dict:
+def measure_times(shape: Shape, min_run_time: float, methods, rounds: int = 3) -> dict:
+    """Medians in ms per (method, direction), each timed in ``rounds`` interleaved slices of
+    ``min_run_time / rounds`` seconds (the median of the slices is kept), so that a drift of the
+    machine's speed during the run affects dense convolution and the others alike.
+
+    ONNX Runtime comes last, on its own: its thread pool keeps spinning for a while after each
+    run and would slow down whatever is timed next; its session is closed before the next shape.
+    """
     t = inputs(shape)
+    groups = [[m for m in methods if m != "onnxruntime"]]
+    if "onnxruntime" in methods:
+        groups.append(["onnxruntime"])
     results = {}
-    for method in methods:
-        portable = method == "portable"
-        if portable:
-            os.environ["DEFORMCONV_CPU_KERNEL"] = "portable"
-        try:
-            forward, forward_backward = step_functions(method, shape, t)
-            results[(method, "forward")] = median_ms(forward, min_run_time)
-            if forward_backward is not None:
-                results[(method, "forward+backward")] = median_ms(forward_backward, min_run_time)
-        finally:
-            if portable:
-                del os.environ["DEFORMCONV_CPU_KERNEL"]
+    for group in groups:
+        timers = {}
+        for method in group:
+            for direction, fn in zip(
+                ("forward", "forward+backward"), step_functions(method, shape, t), strict=True
+            ):
+                if fn is None:
+                    continue
+                if method == "portable":
+                    fn = _portable(fn)
+                fn()
+                timers[(method, direction)] = Timer(
+                    stmt="fn()", globals={"fn": fn}, num_threads=THREADS
+                )
+        slices: dict[tuple[str, str], list[float]] = {key: [] for key in timers}
+        for _ in range(rounds):
+            for key, timer in timers.items():
+                slices[key].append(_clean_median(timer, min_run_time / rounds))
+        results.update({key: statistics.median(values) for key, values in slices.items()})
+        del timers
+        gc.collect()
     return results
 
 
@@ -385,6 +415,11 @@ def main(argv=None) -> int:
         default=",".join(SHAPES),
         help="comma-separated shape names (default: all): " + ", ".join(SHAPES),
     )
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma-separated methods (default: all; dense is always timed): " + ", ".join(METHODS),
+    )
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per figure")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory processes")
     parser.add_argument(
@@ -397,21 +432,24 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(THREADS)
     shapes = [SHAPES[name.strip()] for name in args.shapes.split(",")]
+    methods = ["dense"] + [m for m in METHODS if m != "dense" and m in args.methods.split(",")]
     start = time.perf_counter()
     results, memory, busy = {}, {}, {}
     for shape in shapes:
-        difference = check_agreement(shape)
-        if difference > 1e-3:
-            raise RuntimeError(
-                f"deformconv and ONNX Runtime disagree on {shape.name}: {difference}"
-            )
         with _Interference() as load:
-            results[shape.name] = measure_times(shape, args.min_run_time, METHODS)
+            results[shape.name] = measure_times(shape, args.min_run_time, methods)
         busy[shape.name] = load.foreign / load.wall
+        if {"onnxruntime", "deformconv"} <= set(methods):
+            difference = check_agreement(shape)
+            if difference > 1e-3:
+                raise RuntimeError(
+                    f"deformconv and ONNX Runtime disagree on {shape.name}: {difference}"
+                )
+            gc.collect()
         print(f"timed {shape.name} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     if not args.no_memory:
         for shape in shapes:
-            for method in ("dense", "torchvision", "portable", "deformconv"):
+            for method in (m for m in methods if m != "onnxruntime"):
                 memory[(shape.name, method)] = measure_memory(shape, method)
             print(f"memory {shape.name} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
 

@@ -186,21 +186,26 @@ def test_any_workspace_budget_gives_the_same_result(budget: int) -> None:
     _assert_same(ours, reference, torch.float32, what=f"budget {budget}")
 
 
-def test_columns_workspace_never_exceeds_the_budget() -> None:
-    """The reused column buffer (per thread) is sized by the tile, which the budget bounds."""
+def test_columns_and_cached_buffers_stay_within_the_budget() -> None:
+    """Each tile's columns fit the budget, and so does what a thread keeps cached between calls."""
     tensors, grad_out, params = _case(batch=4, channels=8, size=(16, 16), dtype=torch.float32)
     budget = 16 * 2**10
-    sizes = {}
+    t = [tensors[name] for name in NAMES]
+    cached = {}
 
     def run() -> None:
         with workspace_budget(budget):
+            call = _cpu._Call(t[0], t[1], t[2], t[3], *params)
+            rows = max(n1 - n0 for n0, n1 in call.tiles)
+            cached["tile"] = rows * call.lay.row_size * 4
             _kernel(_cpu, tensors, grad_out, params)
-        sizes.update({k: v.numel() * v.element_size() for k, v in _cpu._workspace.buffers.items()})
+        cached["kept"] = sum(b.numel() * b.element_size() for b in _cpu._workspace.buffers.values())
 
     worker = threading.Thread(target=run)
     worker.start()
     worker.join()
-    assert 0 < sizes[("cols", torch.float32)] <= budget
+    assert 0 < cached["tile"] <= budget
+    assert cached["kept"] <= budget
 
 
 def test_two_backward_passes_are_bit_identical() -> None:

@@ -39,8 +39,11 @@ Pair = tuple[int, int]
 # Reassociation lets LLVM vectorise the channel reductions of the offset gradient; "nnan"/"ninf"
 # stay off because non-finite sampling positions are detected by comparisons.
 _FASTMATH = {"contract", "reassoc"}
-# Columns of one tile should stay in the L2/L3 caches between sampling and the matrix multiply.
-_TILE_BYTES = 2 * 2**20
+# Columns of one tile should stay in the L2/L3 caches between sampling and the matrix multiply,
+# but a tile needs enough rows for the matrix multiply to run at full speed when the columns are
+# wide (many channels); the workspace budget bounds both.
+_TILE_BYTES = 4 * 2**20
+_MIN_TILE_ROWS = 1024
 # Pixels per parallel task of the per-pixel passes; the most and fewest channels per scatter task.
 _PIXEL_BLOCK = 64
 _CHANNEL_BLOCK = 32
@@ -49,199 +52,184 @@ _MIN_CHANNEL_BLOCK = 8
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _plan(offset, mask, base_y, base_x, geo, one, n0, corner, inside, weights, fracs):
-    """Where each tap of output pixels ``n0 .. n0 + N`` samples, the same for every channel.
+@njit(inline="always")
+def _position(h, w, height, width, padded_w, one):
+    """Bilinear footing of the sampling position (h, w) (scalars only, so inlining keeps the
+    kernels' arguments provably unaliased).
 
-    offset: (B, 2 * G * K, P); mask: (B, G * K, P), or (1, 1, P) ones; base_y: (kh, P) and
-    base_x: (kw, P), positions before offsets; geo: see :meth:`_Layout.geometry`. Writes, per tap
-    and flattened (image, pixel) row: corner (N, G * K), the flat padded pixel of the top-left
-    corner, or -1 when the position lies outside ``[-1, H) x [-1, W)`` (NaN and infinity
-    included); inside (N, G * K), 1 when it lies in ``(-1, H) x (-1, W)``, the only taps that read
-    the input (on the edge ``h == -1`` or ``w == -1`` a tap reads zero yet has an offset gradient,
-    as in torchvision); weights (N, G * K, 4), the modulated bilinear weights of the four corners;
-    fracs (N, G * K, 3), the fractional row, the fractional column and the modulation.
+    Returns ``(corner, inside, lh, lw)``: the flat padded pixel of the top-left corner, or -1
+    when the position lies outside ``[-1, H) x [-1, W)`` (NaN and infinity included); whether it
+    lies in ``(-1, H) x (-1, W)``, the only positions that read the input (on the edge
+    ``h == -1`` or ``w == -1`` a tap reads zero yet has an offset gradient, as in torchvision);
+    and the fractional row and column.
     """
-    height, width, kh, kw, pixels = geo[0], geo[1], geo[2], geo[3], geo[6]
+    if (h >= -1) & (h < height) & (w >= -1) & (w < width):
+        hl = np.floor(h)
+        wl = np.floor(w)
+        corner = (np.int64(hl) + 1) * padded_w + np.int64(wl) + 1
+        return corner, (h > -1) & (w > -1), h - hl, w - wl
+    return -1, False, one - one, one - one
+
+
+# The parallel kernels index their array arguments directly and keep clear of local arrays:
+# Numba then proves that the arguments do not alias and marks them ``noalias``, which LLVM needs
+# to vectorise the channel loops without runtime checks. Rows are output pixels flattened over
+# (image, pixel), ``n0`` the first row of the tile; geo is :meth:`_Layout.geometry`.
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _sample_columns(xpf, offset, mask, base_y, base_x, runs, geo, one, n0, cols):
+    """Bilinearly sampled, modulated columns of rows ``n0 .. n0 + N``.
+
+    xpf: (B, (H + 2) * (W + 2) * C) zero-padded channels-last input; offset: (B, 2 * G * K, P);
+    mask: (B, G * K, P), or (1, 1, P) ones; base_y: (kh, P) and base_x: (kw, P), positions before
+    offsets; runs: see :meth:`_Layout.runs`; cols: (N, K * C), column ``runs[q, 2] + k * geo[4]
+    + c`` holding channel ``runs[q, 0] + c`` of tap ``k``.
+    """
+    height, width, kh, kw, tap_stride, pixels = geo[0], geo[1], geo[2], geo[3], geo[4], geo[6]
     padded_w = width + 2
-    zero = one - one
-    n_rows, gtaps = corner.shape
+    n_ch = np.uint64(geo[5])
+    row_step = np.uint64(padded_w * geo[5])
     per_mask_image = mask.shape[0] > 1
     per_mask_tap = mask.shape[1] > 1
-    b_first = n0 // pixels
-    per_image = (pixels + _PIXEL_BLOCK - 1) // _PIXEL_BLOCK
-    n_images = (n0 + n_rows - 1) // pixels - b_first + 1
-    for task in prange(n_images * per_image):
-        b = b_first + task // per_image
-        p0 = max(task % per_image * _PIXEL_BLOCK, n0 - b * pixels)
-        p1 = min((task % per_image + 1) * _PIXEL_BLOCK, pixels, n0 + n_rows - b * pixels)
-        first = b * pixels - n0
-        mb = b if per_mask_image else 0
-        tap = 0
-        for _ in range(gtaps // (kh * kw)):
-            for i in range(kh):
-                for j in range(kw):
-                    mt = tap if per_mask_tap else 0
-                    for p in range(p0, p1):
-                        h = base_y[i, p] + offset[b, 2 * tap, p]
-                        w = base_x[j, p] + offset[b, 2 * tap + 1, p]
-                        edge = (h >= -1) & (h < height) & (w >= -1) & (w < width)
-                        hs = h if edge else zero
-                        ws = w if edge else zero
-                        hl = np.floor(hs)
-                        wl = np.floor(ws)
-                        lh = hs - hl
-                        lw = ws - wl
-                        hh = one - lh
-                        hw = one - lw
-                        m = mask[mb, mt, p]
-                        row = first + p
-                        weights[row, tap, 0] = m * hh * hw
-                        weights[row, tap, 1] = m * hh * lw
-                        weights[row, tap, 2] = m * lh * hw
-                        weights[row, tap, 3] = m * lh * lw
-                        fracs[row, tap, 0] = lh
-                        fracs[row, tap, 1] = lw
-                        fracs[row, tap, 2] = m
-                        top = (np.int64(hl) + 1) * padded_w + np.int64(wl) + 1
-                        corner[row, tap] = top if edge else -1
-                        inside[row, tap] = edge & (h > -1) & (w > -1)
-                    tap += 1
-
-
-# The parallel kernels index their array arguments directly and keep clear of local array views:
-# Numba then proves that the arguments do not alias and marks them ``noalias``, which LLVM needs
-# to vectorise the channel loops without runtime checks.
-
-
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _sample_columns(xpf, runs, geo, n0, corner, inside, weights, cols):
-    """Columns of output pixels ``n0 .. n0 + N`` from the plan of :func:`_plan`.
-
-    xpf: (B, (H + 2) * (W + 2) * C) zero-padded channels-last input; runs: see
-    :meth:`_Layout.runs`; cols: (N, K * C), column ``runs[q, 2] + k * geo[4] + c`` holding
-    channel ``runs[q, 0] + c`` of tap ``k``.
-    """
-    taps, tap_stride, pixels = geo[2] * geo[3], geo[4], geo[6]
-    n_ch = np.uint64(geo[5])
-    row_step = np.uint64((geo[1] + 2) * geo[5])
-    n_rows = cols.shape[0]
-    n_blocks = (n_rows + _PIXEL_BLOCK - 1) // _PIXEL_BLOCK
-    for blk in prange(n_blocks):
-        for row in range(blk * _PIXEL_BLOCK, min((blk + 1) * _PIXEL_BLOCK, n_rows)):
-            b = (n0 + row) // pixels
-            for q in range(runs.shape[0]):
-                c0 = np.uint64(runs[q, 0])
-                length = np.uint64(runs[q, 1])
-                g = runs[q, 3]
-                for k in range(taps):
-                    tap = g * taps + k
-                    dst = np.uint64(runs[q, 2] + k * tap_stride)
-                    if inside[row, tap] != 0:
-                        w00 = weights[row, tap, 0]
-                        w01 = weights[row, tap, 1]
-                        w10 = weights[row, tap, 2]
-                        w11 = weights[row, tap, 3]
-                        s00 = np.uint64(corner[row, tap]) * n_ch + c0
-                        s01 = s00 + n_ch
-                        s10 = s00 + row_step
-                        s11 = s10 + n_ch
-                        for c in range(length):
-                            cols[row, dst + c] = (
-                                w00 * xpf[b, s00 + c]
-                                + w01 * xpf[b, s01 + c]
-                                + w10 * xpf[b, s10 + c]
-                                + w11 * xpf[b, s11 + c]
-                            )
-                    else:
-                        for c in range(length):
-                            cols[row, dst + c] = 0
-
-
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _sample_backward(
-    xpf, runs, geo, n0, corner, inside, weights, fracs, gcols, modulated, one, cols,
-    grad_offset, grad_mask,
-):  # fmt: skip
-    """Resample the columns of a tile and add its offset and mask gradients.
-
-    Arguments as in :func:`_sample_columns`, plus fracs from :func:`_plan` and gcols (N, K * C),
-    the gradient of the columns. Writes cols and adds to grad_offset (B, 2 * G * K, P) and, when
-    ``modulated``, grad_mask (B, G * K, P), each run of channels its share (the gradients are
-    linear in the per-run sums, and runs add up in a fixed order).
-    """
-    taps, tap_stride, pixels = geo[2] * geo[3], geo[4], geo[6]
-    n_ch = np.uint64(geo[5])
-    row_step = np.uint64((geo[1] + 2) * geo[5])
     n_rows = cols.shape[0]
     n_blocks = (n_rows + _PIXEL_BLOCK - 1) // _PIXEL_BLOCK
     for blk in prange(n_blocks):
         for row in range(blk * _PIXEL_BLOCK, min((blk + 1) * _PIXEL_BLOCK, n_rows)):
             b = (n0 + row) // pixels
             p = n0 + row - b * pixels
+            mb = b if per_mask_image else 0
             for q in range(runs.shape[0]):
                 c0 = np.uint64(runs[q, 0])
                 length = np.uint64(runs[q, 1])
-                g = runs[q, 3]
-                for k in range(taps):
-                    tap = g * taps + k
-                    dst = np.uint64(runs[q, 2] + k * tap_stride)
-                    top = corner[row, tap]
-                    if top < 0:
-                        for c in range(length):
-                            cols[row, dst + c] = 0
-                        continue
-                    d00 = one - one
-                    d01 = one - one
-                    d10 = one - one
-                    d11 = one - one
-                    s00 = np.uint64(top) * n_ch + c0
-                    s01 = s00 + n_ch
-                    s10 = s00 + row_step
-                    s11 = s10 + n_ch
-                    ok = inside[row, tap] != 0
-                    if ok:
-                        w00 = weights[row, tap, 0]
-                        w01 = weights[row, tap, 1]
-                        w10 = weights[row, tap, 2]
-                        w11 = weights[row, tap, 3]
-                        for c in range(length):
-                            v00 = xpf[b, s00 + c]
-                            v01 = xpf[b, s01 + c]
-                            v10 = xpf[b, s10 + c]
-                            v11 = xpf[b, s11 + c]
-                            gc = gcols[row, dst + c]
-                            d00 += gc * v00
-                            d01 += gc * v01
-                            d10 += gc * v10
-                            d11 += gc * v11
-                            cols[row, dst + c] = w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11
-                    else:
-                        for c in range(length):
-                            gc = gcols[row, dst + c]
-                            d00 += gc * xpf[b, s00 + c]
-                            d01 += gc * xpf[b, s01 + c]
-                            d10 += gc * xpf[b, s10 + c]
-                            d11 += gc * xpf[b, s11 + c]
-                            cols[row, dst + c] = 0
-                    lh = fracs[row, tap, 0]
-                    lw = fracs[row, tap, 1]
-                    m = fracs[row, tap, 2]
-                    hh = one - lh
-                    hw = one - lw
-                    grad_offset[b, 2 * tap, p] += m * (lw * (d11 - d01) + hw * (d10 - d00))
-                    grad_offset[b, 2 * tap + 1, p] += m * (lh * (d11 - d10) + hh * (d01 - d00))
-                    if modulated and ok:
-                        grad_mask[b, tap, p] += (
-                            hh * hw * d00 + hh * lw * d01 + lh * hw * d10 + lh * lw * d11
-                        )
+                tap = runs[q, 3] * kh * kw
+                for i in range(kh):
+                    for j in range(kw):
+                        h = base_y[i, p] + offset[b, 2 * tap, p]
+                        w = base_x[j, p] + offset[b, 2 * tap + 1, p]
+                        corner, ok, lh, lw = _position(h, w, height, width, padded_w, one)
+                        dst = np.uint64(runs[q, 2] + (i * kw + j) * tap_stride)
+                        if ok:
+                            m = mask[mb, tap if per_mask_tap else 0, p]
+                            hh = one - lh
+                            hw = one - lw
+                            w00 = m * hh * hw
+                            w01 = m * hh * lw
+                            w10 = m * lh * hw
+                            w11 = m * lh * lw
+                            s00 = np.uint64(corner) * n_ch + c0
+                            s01 = s00 + n_ch
+                            s10 = s00 + row_step
+                            s11 = s10 + n_ch
+                            for c in range(length):
+                                cols[row, dst + c] = (
+                                    w00 * xpf[b, s00 + c]
+                                    + w01 * xpf[b, s01 + c]
+                                    + w10 * xpf[b, s10 + c]
+                                    + w11 * xpf[b, s11 + c]
+                                )
+                        else:
+                            for c in range(length):
+                                cols[row, dst + c] = 0
+                        tap += 1
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _scatter_input_grad(gcols, corner, inside, weights, chunks, geo, n0, grad_xpf):
+def _sample_backward(
+    xpf, offset, mask, base_y, base_x, runs, geo, one, n0, cols, gcols, modulated,
+    grad_offset, grad_mask, corners, weights,
+):  # fmt: skip
+    """Resample the columns of a tile, add its offset and mask gradients and plan the scatter.
+
+    Arguments as in :func:`_sample_columns`, plus gcols (N, K * C), the gradient of the columns.
+    Writes cols; adds to grad_offset (B, 2 * G * K, P) and, when ``modulated``, grad_mask
+    (B, G * K, P), each run of channels its share (the gradients are linear in the per-run sums,
+    and the runs add up in a fixed order); writes for :func:`_scatter_input_grad` corners
+    (N, G * K), the top-left corner of each tap that reads the input or -1, and weights
+    (N, G * K, 4), its modulated bilinear weights.
+    """
+    height, width, kh, kw, tap_stride, pixels = geo[0], geo[1], geo[2], geo[3], geo[4], geo[6]
+    padded_w = width + 2
+    n_ch = np.uint64(geo[5])
+    row_step = np.uint64(padded_w * geo[5])
+    per_mask_image = mask.shape[0] > 1
+    per_mask_tap = mask.shape[1] > 1
+    n_rows = cols.shape[0]
+    n_blocks = (n_rows + _PIXEL_BLOCK - 1) // _PIXEL_BLOCK
+    for blk in prange(n_blocks):
+        for row in range(blk * _PIXEL_BLOCK, min((blk + 1) * _PIXEL_BLOCK, n_rows)):
+            b = (n0 + row) // pixels
+            p = n0 + row - b * pixels
+            mb = b if per_mask_image else 0
+            for q in range(runs.shape[0]):
+                c0 = np.uint64(runs[q, 0])
+                length = np.uint64(runs[q, 1])
+                tap = runs[q, 3] * kh * kw
+                for i in range(kh):
+                    for j in range(kw):
+                        h = base_y[i, p] + offset[b, 2 * tap, p]
+                        w = base_x[j, p] + offset[b, 2 * tap + 1, p]
+                        corner, ok, lh, lw = _position(h, w, height, width, padded_w, one)
+                        dst = np.uint64(runs[q, 2] + (i * kw + j) * tap_stride)
+                        m = mask[mb, tap if per_mask_tap else 0, p]
+                        hh = one - lh
+                        hw = one - lw
+                        w00 = m * hh * hw
+                        w01 = m * hh * lw
+                        w10 = m * lh * hw
+                        w11 = m * lh * lw
+                        corners[row, tap] = corner if ok else -1
+                        weights[row, tap, 0] = w00
+                        weights[row, tap, 1] = w01
+                        weights[row, tap, 2] = w10
+                        weights[row, tap, 3] = w11
+                        if corner < 0:
+                            for c in range(length):
+                                cols[row, dst + c] = 0
+                            tap += 1
+                            continue
+                        d00 = one - one
+                        d01 = one - one
+                        d10 = one - one
+                        d11 = one - one
+                        s00 = np.uint64(corner) * n_ch + c0
+                        s01 = s00 + n_ch
+                        s10 = s00 + row_step
+                        s11 = s10 + n_ch
+                        if ok:
+                            for c in range(length):
+                                v00 = xpf[b, s00 + c]
+                                v01 = xpf[b, s01 + c]
+                                v10 = xpf[b, s10 + c]
+                                v11 = xpf[b, s11 + c]
+                                gc = gcols[row, dst + c]
+                                d00 += gc * v00
+                                d01 += gc * v01
+                                d10 += gc * v10
+                                d11 += gc * v11
+                                cols[row, dst + c] = w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11
+                        else:
+                            for c in range(length):
+                                gc = gcols[row, dst + c]
+                                d00 += gc * xpf[b, s00 + c]
+                                d01 += gc * xpf[b, s01 + c]
+                                d10 += gc * xpf[b, s10 + c]
+                                d11 += gc * xpf[b, s11 + c]
+                                cols[row, dst + c] = 0
+                        grad_offset[b, 2 * tap, p] += m * (lw * (d11 - d01) + hw * (d10 - d00))
+                        grad_offset[b, 2 * tap + 1, p] += m * (lh * (d11 - d10) + hh * (d01 - d00))
+                        if modulated and ok:
+                            grad_mask[b, tap, p] += (
+                                hh * hw * d00 + hh * lw * d01 + lh * hw * d10 + lh * lw * d11
+                            )
+                        tap += 1
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _scatter_input_grad(gcols, corners, weights, chunks, geo, n0, grad_xpf):
     """Add the column gradients of a tile into the padded channels-last input gradient.
 
-    grad_xpf: (B, (H + 2) * (W + 2) * C). Each task is one (image, channel chunk) and owns those
+    corners and weights come from :func:`_sample_backward`; grad_xpf: (B, (H + 2) * (W + 2) * C). Each task is one (image, channel chunk) and owns those
     channels of that image, so tasks never write the same element and each element's sum runs
     in a fixed order. chunks: (T, 4) rows of (first channel, length, column of tap 0, offset
     group).
@@ -262,14 +250,15 @@ def _scatter_input_grad(gcols, corner, inside, weights, chunks, geo, n0, grad_xp
         for row in range(max(b * pixels - n0, 0), min((b + 1) * pixels - n0, n_rows)):
             for k in range(taps):
                 tap = g * taps + k
-                if inside[row, tap] == 0:
+                corner = corners[row, tap]
+                if corner < 0:
                     continue
                 w00 = weights[row, tap, 0]
                 w01 = weights[row, tap, 1]
                 w10 = weights[row, tap, 2]
                 w11 = weights[row, tap, 3]
                 dst = np.uint64(chunks[q, 2] + k * tap_stride)
-                s00 = np.uint64(corner[row, tap]) * n_ch + c0
+                s00 = np.uint64(corner) * n_ch + c0
                 s01 = s00 + n_ch
                 s10 = s00 + row_step
                 s11 = s10 + n_ch
@@ -353,7 +342,8 @@ class _Layout:
         slice of the NCHW result.
         """
         row_bytes = self.row_size * itemsize
-        rows = max(1, min(_TILE_BYTES, get_workspace_budget()) // row_bytes)
+        budget = get_workspace_budget()
+        rows = max(1, min(max(_TILE_BYTES, _MIN_TILE_ROWS * row_bytes), budget) // row_bytes)
         total = self.batch * self.pixels
         if rows >= self.pixels:
             step = (rows // self.pixels) * self.pixels
@@ -395,7 +385,7 @@ class _Call:
             offset_groups=offset.shape[1] // (2 * kh * kw),
         )
         self.dtype = input.dtype
-        self.xp = _padded_channels_last(input.detach())
+        self.xp = _padded_channels_last(input.detach(), "input")
         self.xpf = self.xp.view(batch, -1).numpy()
         self.offset = _rows(offset, batch, -1, lay.pixels)
         self.modulated = mask is not None
@@ -429,36 +419,23 @@ class _Call:
         self.w_rows = weight.detach().permute(0, 2, 3, 1).reshape(out_channels, -1)
         self.tiles = lay.tiles(input.element_size())
         self.tile_rows = self.tiles[0][1] - self.tiles[0][0]
-        gtaps = lay.offset_groups * lay.taps
-        rows = self.tile_rows
-        self._plan_buffers = (
-            _workspace.get("corner", rows * gtaps, torch.int64),
-            _workspace.get("inside", rows * gtaps, torch.uint8),
-            _workspace.get("weights", rows * gtaps * 4, self.dtype),
-            _workspace.get("fracs", rows * gtaps * 3, self.dtype),
-        )
         # The leading arguments of the column kernels.
-        self.sampling = (self.xpf, self.runs, self.geo)
-
-    def plan(self, n0: int, n1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """:func:`_plan` of rows ``n0 .. n1``: (corner, inside, weights, fracs)."""
-        n = n1 - n0
-        gtaps = self.lay.offset_groups * self.lay.taps
-        corner, inside, weights, fracs = (
-            buf[: n * gtaps * width].view(n, gtaps, width).squeeze(2).numpy()
-            for buf, width in zip(self._plan_buffers, (1, 1, 4, 3), strict=True)
+        self.args = (
+            self.xpf,
+            self.offset,
+            self.mask,
+            self.base_y,
+            self.base_x,
+            self.runs,
+            self.geo,
+            self.one,
         )
-        _plan(
-            self.offset, self.mask, self.base_y, self.base_x, self.geo, self.one, n0,
-            corner, inside, weights, fracs,
-        )  # fmt: skip
-        return corner, inside, weights, fracs
 
 
-def _padded_channels_last(x: Tensor) -> Tensor:
-    """``(B, C, H, W) -> (B, H + 2, W + 2, C)`` with a zero border, contiguous."""
+def _padded_channels_last(x: Tensor, name: str) -> Tensor:
+    """``(B, C, H, W) -> (B, H + 2, W + 2, C)`` with a zero border, in workspace ``name``."""
     b, c, h, w = x.shape
-    xp = x.new_empty((b, h + 2, w + 2, c))
+    xp = _workspace.get(name, b * (h + 2) * (w + 2) * c, x.dtype).view(b, h + 2, w + 2, c)
     xp[:, 0].zero_()
     xp[:, -1].zero_()
     xp[:, 1:-1, 0].zero_()
@@ -472,16 +449,23 @@ def _rows(t: Tensor, *shape: int) -> np.ndarray:
 
 
 class _Workspace(threading.local):
-    """Buffers reused across calls of one thread: fresh large buffers cost page faults."""
+    """Buffers reused across calls of one thread, as fresh large buffers cost page faults.
+
+    Buffers stay cached while their total is within the workspace budget; a request beyond it
+    gets fresh memory that is released after the call.
+    """
 
     def __init__(self) -> None:
         self.buffers: dict[tuple[str, torch.dtype], Tensor] = {}
 
     def get(self, name: str, numel: int, dtype: torch.dtype) -> Tensor:
-        buf = self.buffers.get((name, dtype))
+        key = (name, dtype)
+        buf = self.buffers.pop(key, None)
         if buf is None or buf.numel() < numel:
             buf = torch.empty(numel, dtype=dtype)
-            self.buffers[(name, dtype)] = buf
+        cached = sum(b.numel() * b.element_size() for b in self.buffers.values())
+        if cached + buf.numel() * buf.element_size() <= get_workspace_budget():
+            self.buffers[key] = buf
         return buf[:numel]
 
 
@@ -489,12 +473,13 @@ _workspace = _Workspace()
 
 
 def _scatter_chunk(lay: _Layout, tile_rows: int) -> int:
-    """Channels per scatter task: at most ``_CHANNEL_BLOCK``, and small enough that a tile has
-    two tasks per thread when it covers few images (the scatter parallelises over channels)."""
+    """Channels per scatter task: at most ``_CHANNEL_BLOCK``, and few enough that a tile has a
+    task for every thread (the scatter parallelises over images and runs of channels)."""
     images = max(1, tile_rows // lay.pixels)
-    splits = -(-2 * numba.get_num_threads() // images)
-    per_run = lay.channels // max(lay.groups, lay.offset_groups)
-    return max(_MIN_CHANNEL_BLOCK, min(_CHANNEL_BLOCK, -(-per_run // splits)))
+    runs = len(lay.runs())
+    splits = -(-numba.get_num_threads() // (images * runs))
+    longest = int(lay.runs()[:, 1].max())
+    return max(_MIN_CHANNEL_BLOCK, min(_CHANNEL_BLOCK, -(-longest // splits)))
 
 
 def _set_threads() -> None:
@@ -520,16 +505,15 @@ def _contract(cols: Tensor, w_rows: Tensor, bias: Tensor | None, groups: int) ->
     return out
 
 
-def _cols_grad(grad_rows: Tensor, w_rows_t: Tensor, groups: int) -> Tensor:
-    """``(N, O) x (K*C/groups, O)^T -> (N, K*C)`` per weight group."""
-    n = grad_rows.shape[0]
+def _cols_grad(grad_rows: Tensor, w_rows: Tensor, groups: int, out: Tensor) -> None:
+    """``out (N, K*C) = grad_rows (N, O) @ w_rows (O, K*C/groups)`` per weight group."""
     if groups == 1:
-        if _ONEDNN and grad_rows.dtype == torch.float32:
-            return torch.ops.mkldnn._linear_pointwise(grad_rows, w_rows_t, None, "none", [], "")
-        return torch.mm(grad_rows, w_rows_t.t())
+        torch.mm(grad_rows, w_rows, out=out)
+        return
+    n = grad_rows.shape[0]
     g = grad_rows.view(n, groups, -1).transpose(0, 1)
-    w = w_rows_t.view(w_rows_t.shape[0], groups, -1).permute(1, 2, 0)
-    return torch.bmm(g, w).transpose(0, 1).reshape(n, -1)
+    w = w_rows.view(groups, -1, w_rows.shape[1])
+    out.view(n, groups, -1).copy_(torch.bmm(g, w).transpose(0, 1))
 
 
 def _weight_grad_add(grad_w: Tensor, grad_rows: Tensor, cols: Tensor, groups: int) -> None:
@@ -564,8 +548,7 @@ def forward(
     ws = _workspace.get("cols", call.tile_rows * lay.row_size, call.dtype)
     for n0, n1 in call.tiles:
         cols = ws[: (n1 - n0) * lay.row_size].view(n1 - n0, lay.row_size)
-        corner, inside, weights, _ = call.plan(n0, n1)
-        _sample_columns(*call.sampling, n0, corner, inside, weights, cols.numpy())
+        _sample_columns(*call.args, n0, cols.numpy())
         res = _contract(cols, w_rows, b, lay.groups)
         b0, p0 = divmod(n0, lay.pixels)
         if n1 - n0 >= lay.pixels:
@@ -592,28 +575,43 @@ def backward(
     call = _Call(input, offset, mask, weight, stride, padding, dilation)
     lay = call.lay
     out_channels = weight.shape[0]
-    w_rows_t = call.w_rows.t().contiguous()
-    grad_rows = grad_out.detach().permute(0, 2, 3, 1).reshape(-1, out_channels).contiguous()
+    w_rows = call.w_rows.contiguous()
+    grad_rows = _workspace.get("grad_out", grad_out.numel(), call.dtype).view(
+        lay.batch, lay.out_h, lay.out_w, out_channels
+    )
+    grad_rows.copy_(grad_out.detach().permute(0, 2, 3, 1))
+    grad_rows = grad_rows.view(-1, out_channels)
     chunks = lay.runs(_scatter_chunk(lay, call.tile_rows))
 
-    grad_xp = torch.zeros_like(call.xp)
+    grad_xp = _workspace.get("grad_input", call.xp.numel(), call.dtype).view(call.xp.shape)
+    grad_xp.zero_()
     grad_xpf = grad_xp.view(lay.batch, -1).numpy()
     grad_offset = offset.new_zeros((lay.batch, offset.shape[1], lay.pixels))
     grad_mask = mask.new_zeros((lay.batch, mask.shape[1], lay.pixels)) if mask is not None else None
     gmask_np = grad_mask.numpy() if grad_mask is not None else np.zeros((1, 1, 1), call.xpf.dtype)
     grad_w = weight.new_zeros((out_channels, call.w_rows.shape[1]))
-    ws = _workspace.get("cols", call.tile_rows * lay.row_size, call.dtype)
+    rows, gtaps = call.tile_rows, offset.shape[1] // 2
+    ws = _workspace.get("cols", rows * lay.row_size, call.dtype)
+    ws_grad = _workspace.get("grad_cols", rows * lay.row_size, call.dtype)
+    ws_corners = _workspace.get("corners", rows * gtaps, torch.int64)
+    ws_weights = _workspace.get("weights", rows * gtaps * 4, call.dtype)
     for n0, n1 in call.tiles:
-        cols = ws[: (n1 - n0) * lay.row_size].view(n1 - n0, lay.row_size)
-        plan = call.plan(n0, n1)
+        n = n1 - n0
+        cols = ws[: n * lay.row_size].view(n, lay.row_size)
+        gcols = ws_grad[: n * lay.row_size].view(n, lay.row_size)
+        corners = ws_corners[: n * gtaps].view(n, gtaps).numpy()
+        weights = ws_weights[: n * gtaps * 4].view(n, gtaps, 4).numpy()
         g_rows = grad_rows[n0:n1]
-        gcols = _cols_grad(g_rows, w_rows_t, lay.groups).numpy()
+        _cols_grad(g_rows, w_rows, lay.groups, gcols)
         _sample_backward(
-            *call.sampling, n0, *plan, gcols, call.modulated, call.one, cols.numpy(),
-            grad_offset.numpy(), gmask_np,
+            *call.args, n0, cols.numpy(), gcols.numpy(), call.modulated, grad_offset.numpy(),
+            gmask_np, corners, weights,
         )  # fmt: skip
+        _scatter_input_grad(gcols.numpy(), corners, weights, chunks, call.geo, n0, grad_xpf)
+        # Torch's and Numba's thread pools are separate OpenMP runtimes whose idle threads spin
+        # for a while: grouping the Numba kernels and the matrix multiplies of neighbouring
+        # tiles halves the hand-overs between them.
         _weight_grad_add(grad_w, g_rows, cols, lay.groups)
-        _scatter_input_grad(gcols, *plan[:3], chunks, call.geo, n0, grad_xpf)
 
     grad_input = grad_xp[:, 1:-1, 1:-1].permute(0, 3, 1, 2).contiguous()
     grad_weight = grad_w.view(out_channels, lay.kh, lay.kw, -1).permute(0, 3, 1, 2).contiguous()
