@@ -11,10 +11,11 @@ between the sampling pass that writes them and the matrix multiply that reads th
 also bounded by :func:`deformconv.ops._workspace.get_workspace_budget`, so memory does not grow
 with the batch. The backward pass of a tile is: column gradients by one matrix multiply, then a
 fused pass that resamples the columns and computes the offset and mask gradients (each pixel's
-work is independent), then the weight gradient by matrix multiply, then a scatter of the column
-gradients into the input gradient in which every parallel task owns a slice of channels. No two
+work is independent), then a scatter of the column gradients into the input gradient in which
+every parallel task owns a slice of channels, then the weight gradient by matrix multiply. No two
 tasks write the same element and every sum runs in a fixed order, so gradients are bit-identical
-from run to run.
+from run to run. Buffers that do not leave the call are reused from call to call, because a fresh
+buffer of a few MiB costs a page fault per 4 KiB.
 
 Both functions expect validated arguments (see :func:`deformconv.ops.deform_conv.deform_conv2d`),
 float32 or float64, batch >= 1, any memory layout; ``stride``, ``padding`` and ``dilation`` are
@@ -23,6 +24,7 @@ float32 or float64, batch >= 1, any memory layout; ``stride``, ``padding`` and `
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 
@@ -39,11 +41,8 @@ Pair = tuple[int, int]
 # Reassociation lets LLVM vectorise the channel reductions of the offset gradient; "nnan"/"ninf"
 # stay off because non-finite sampling positions are detected by comparisons.
 _FASTMATH = {"contract", "reassoc"}
-# Columns of one tile should stay in the L2/L3 caches between sampling and the matrix multiply,
-# but a tile needs enough rows for the matrix multiply to run at full speed when the columns are
-# wide (many channels); the workspace budget bounds both.
+# Columns of one tile should stay in the L2/L3 caches between sampling and the matrix multiply.
 _TILE_BYTES = 4 * 2**20
-_MIN_TILE_ROWS = 1024
 # Pixels per parallel task of the per-pixel passes; the most and fewest channels per scatter task.
 _PIXEL_BLOCK = 64
 _CHANNEL_BLOCK = 32
@@ -335,15 +334,15 @@ class _Layout:
             dtype=np.int64,
         )
 
-    def tiles(self, itemsize: int) -> list[tuple[int, int]]:
-        """Row ranges ``[n0, n1)`` over the flattened (image, pixel) index.
+    def tiles(self, itemsize: int, tile_bytes: int) -> list[tuple[int, int]]:
+        """Row ranges ``[n0, n1)`` over the flattened (image, pixel) index, each with at most
+        ``tile_bytes`` of columns (but at least one row).
 
         A tile is either whole images or part of one image, so its output maps onto a plain
         slice of the NCHW result.
         """
         row_bytes = self.row_size * itemsize
-        budget = get_workspace_budget()
-        rows = max(1, min(max(_TILE_BYTES, _MIN_TILE_ROWS * row_bytes), budget) // row_bytes)
+        rows = max(1, tile_bytes // row_bytes)
         total = self.batch * self.pixels
         if rows >= self.pixels:
             step = (rows // self.pixels) * self.pixels
@@ -394,30 +393,13 @@ class _Call:
             if mask is not None
             else np.ones((1, 1, lay.pixels), dtype=self.xpf.dtype)
         )
-        rows = torch.arange(lay.out_h) * stride[0] - padding[0]
-        cols = torch.arange(lay.out_w) * stride[1] - padding[1]
-        tap_y = torch.arange(kh) * dilation[0]
-        tap_x = torch.arange(kw) * dilation[1]
-        self.base_y = _rows(
-            (tap_y.view(-1, 1, 1) + rows.view(1, -1, 1))
-            .expand(kh, lay.out_h, lay.out_w)
-            .to(self.dtype),
-            kh,
-            lay.pixels,
+        self.base_y, self.base_x, self.runs, self.geo = _static(
+            lay, stride, padding, dilation, self.xpf.dtype
         )
-        self.base_x = _rows(
-            (tap_x.view(-1, 1, 1) + cols.view(1, 1, -1))
-            .expand(kw, lay.out_h, lay.out_w)
-            .to(self.dtype),
-            kw,
-            lay.pixels,
-        )
-        self.runs = lay.runs()
-        self.geo = lay.geometry()
         self.one = np.ones(1, dtype=self.xpf.dtype)[0]
         # Weight rows in column order: (O, kh, kw, C / groups) flattened per output channel.
         self.w_rows = weight.detach().permute(0, 2, 3, 1).reshape(out_channels, -1)
-        self.tiles = lay.tiles(input.element_size())
+        self.tiles = _tiles(lay, input.element_size(), min(_TILE_BYTES, get_workspace_budget()))
         self.tile_rows = self.tiles[0][1] - self.tiles[0][0]
         # The leading arguments of the column kernels.
         self.args = (
@@ -430,6 +412,28 @@ class _Call:
             self.geo,
             self.one,
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _static(lay: _Layout, stride: Pair, padding: Pair, dilation: Pair, dtype: np.dtype) -> tuple:
+    """What a call's kernels read that depends only on its shapes: (base_y, base_x, runs, geo).
+
+    base_y: (kh, Ho * Wo) and base_x: (kw, Ho * Wo), the sampling positions before offsets.
+    Cached (read-only) because a network calls each layer with the same shapes again and again.
+    """
+    oy, ox = np.divmod(np.arange(lay.pixels), lay.out_w)
+    base_y = np.arange(lay.kh)[:, None] * dilation[0] + oy * stride[0] - padding[0]
+    base_x = np.arange(lay.kw)[:, None] * dilation[1] + ox * stride[1] - padding[1]
+    runs = lay.runs()
+    geo = lay.geometry()
+    for array in (base_y, base_x, runs, geo):
+        array.flags.writeable = False
+    return base_y.astype(dtype), base_x.astype(dtype), runs, geo
+
+
+@functools.lru_cache(maxsize=64)
+def _tiles(lay: _Layout, itemsize: int, tile_bytes: int) -> list[tuple[int, int]]:
+    return lay.tiles(itemsize, tile_bytes)
 
 
 def _padded_channels_last(x: Tensor, name: str) -> Tensor:
@@ -613,7 +617,9 @@ def backward(
         # tiles halves the hand-overs between them.
         _weight_grad_add(grad_w, g_rows, cols, lay.groups)
 
-    grad_input = grad_xp[:, 1:-1, 1:-1].permute(0, 3, 1, 2).contiguous()
+    # A fresh tensor: grad_xp is a workspace the next call overwrites.
+    grad_input = torch.empty_like(input, memory_format=torch.contiguous_format)
+    grad_input.copy_(grad_xp[:, 1:-1, 1:-1].permute(0, 3, 1, 2))
     grad_weight = grad_w.view(out_channels, lay.kh, lay.kw, -1).permute(0, 3, 1, 2).contiguous()
     grad_bias = None if bias is None else grad_out.sum(dim=(0, 2, 3))
     return (
