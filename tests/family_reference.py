@@ -69,3 +69,18 @@ def separable_nhwc(
     if bias is not None:
         out = out + np.asarray(bias, dtype=np.float64)
     return out
+
+
+_NUMPY_PAD_MODES = {
+    "zeros": "constant",
+    "reflect": "reflect",
+    "replicate": "edge",
+    "circular": "wrap",
+}
+
+
+def pad_nchw(x: np.ndarray, rows: tuple[int, int], cols: tuple[int, int], mode: str) -> np.ndarray:
+    """Pad the last two axes of an ``NCHW`` array the way ``torch.nn.Conv2d``'s padding modes
+    are documented (reflect without repeating the edge, replicate the edge, wrap around), using
+    NumPy's own modes."""
+    return np.pad(x, ((0, 0), (0, 0), rows, cols), mode=_NUMPY_PAD_MODES[mode])

@@ -38,6 +38,8 @@ LAYERS = [
     {"kernel_size": 3, "padding": 1, "padding_mode": "reflect"},
     {"kernel_size": (3, 2), "padding": (2, 1), "padding_mode": "circular"},
     {"kernel_size": 3, "padding": 1, "padding_mode": "replicate", "stride": 2},
+    {"kernel_size": 4, "padding": "same", "padding_mode": "reflect"},
+    {"kernel_size": (2, 3), "padding": "same", "padding_mode": "circular", "dilation": (1, 2)},
 ]
 IDS = [f"layer{i}" for i in range(len(LAYERS))]
 
@@ -203,12 +205,6 @@ def test_random_batch_is_reproducible() -> None:
         (nn.Conv2d(4, 4, (1, 3)), "spatial", ValueError, "a 1 x 3 kernel has nothing to split"),
         (nn.Conv2d(4, 4, 3), "cp", ValueError, "method must be one of spatial, depthwise"),
         (nn.Linear(4, 4), "spatial", TypeError, "conv must be an nn.Conv2d, got Linear"),
-        (
-            nn.Conv2d(4, 4, 2, padding="same", padding_mode="reflect"),
-            "depthwise",
-            ValueError,
-            "padding='same' with an even kernel extent and padding_mode='reflect'",
-        ),
     ],
 )
 def test_ineligible_layers(conv: nn.Module, method: str, error: type, match: str) -> None:

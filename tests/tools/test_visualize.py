@@ -202,3 +202,23 @@ def test_figure_errors():
     bad = SamplingExample(torch.rand(2, 4, 4), [SamplingLayer(padding=(1, 1))], [(1, 1)])
     with pytest.raises(ValueError, match=r"image must be \(H, W\) or \(1, H, W\)"):
         sampling_figure([bad])
+
+
+def test_tools_package_exports_visualize_without_importing_matplotlib():
+    # deformconv.tools re-exports the sampling functions; matplotlib (an optional extra) must
+    # be imported only when a figure is drawn, so a fresh interpreter is used to check it.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, deformconv.tools as t\n"
+        "from deformconv.tools import visualize as v\n"
+        "assert all(getattr(t, n) is getattr(v, n) for n in v.__all__), 'missing re-export'\n"
+        "assert set(v.__all__) <= set(t.__all__), 'missing from __all__'\n"
+        "print('matplotlib' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

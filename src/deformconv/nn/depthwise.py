@@ -49,6 +49,16 @@ def _padding(value: PaddingArg) -> tuple[int, int] | str:
     return _pair(value, "padding", 0)
 
 
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _pad_mode(padding_mode: str) -> str:
+    """``F.pad``'s name for a ``torch.nn.Conv2d`` padding mode, after checking it."""
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+    return "constant" if padding_mode == "zeros" else padding_mode
+
+
 def same_padding(
     size: int, kernel_size: int, stride: int = 1, dilation: int = 1
 ) -> tuple[int, int]:
@@ -91,14 +101,17 @@ def pad_same(
     kernel_size: int | tuple[int, int],
     stride: int | tuple[int, int] = 1,
     dilation: int | tuple[int, int] = 1,
+    padding_mode: str = "zeros",
 ) -> Tensor:
-    """Zero-pad the last two dimensions of ``input`` by TensorFlow's ``"same"`` rule.
+    """Pad the last two dimensions of ``input`` by TensorFlow's ``"same"`` rule.
 
     Args:
         input: ``Tensor[..., height, width]``.
         kernel_size: kernel ``(kh, kw)`` or one int for both.
         stride: stride ``(sh, sw)`` or one int.
         dilation: dilation ``(dh, dw)`` or one int.
+        padding_mode: what the border holds, as in ``torch.nn.Conv2d``: ``"zeros"``,
+            ``"reflect"``, ``"replicate"`` or ``"circular"``.
 
     Returns:
         ``Tensor[..., height + pad_h, width + pad_w]``: after a convolution with these settings and
@@ -108,13 +121,14 @@ def pad_same(
         >>> pad_same(torch.zeros(1, 1, 13, 12), 4, stride=2).shape
         torch.Size([1, 1, 16, 14])
     """
+    mode = _pad_mode(padding_mode)
     (kh, kw), (sh, sw) = _pair(kernel_size, "kernel_size", 1), _pair(stride, "stride", 1)
     dh, dw = _pair(dilation, "dilation", 1)
     top, bottom = same_padding(input.shape[-2], kh, sh, dh)
     left, right = same_padding(input.shape[-1], kw, sw, dw)
     if top == bottom == left == right == 0:
         return input
-    return F.pad(input, (left, right, top, bottom))
+    return F.pad(input, (left, right, top, bottom), mode=mode)
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -132,6 +146,8 @@ class DepthwiseConv2d(nn.Conv2d):
             (TensorFlow's rule, see :func:`same_padding`).
         dilation: spacing of the kernel taps ``(dh, dw)`` or one int.
         bias: add a learned bias per output channel.
+        padding_mode: what the padding holds: ``"zeros"``, ``"reflect"``, ``"replicate"`` or
+            ``"circular"`` (as in ``torch.nn.Conv2d``, for explicit and ``"same"`` padding).
 
     Shape:
         - input: ``(B, C, H, W)``
@@ -161,9 +177,11 @@ class DepthwiseConv2d(nn.Conv2d):
         padding: PaddingArg = 0,
         dilation: int | tuple[int, int] = 1,
         bias: bool = True,
+        padding_mode: str = "zeros",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        _pad_mode(padding_mode)
         if not isinstance(in_channels, int) or in_channels < 1:
             raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
         if not isinstance(depth_multiplier, int) or depth_multiplier < 1:
@@ -178,6 +196,7 @@ class DepthwiseConv2d(nn.Conv2d):
             dilation=_pair(dilation, "dilation", 1),
             groups=in_channels,
             bias=bias,
+            padding_mode=padding_mode,
             device=device,
             dtype=dtype,
         )
@@ -189,7 +208,7 @@ class DepthwiseConv2d(nn.Conv2d):
         """Convolve ``Tensor[B, C, H, W]`` into ``Tensor[B, C * depth_multiplier, H_out, W_out]``."""
         if self.padding != "same":
             return super().forward(input)
-        padded = pad_same(input, self.kernel_size, self.stride, self.dilation)
+        padded = pad_same(input, self.kernel_size, self.stride, self.dilation, self.padding_mode)
         return F.conv2d(padded, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
@@ -204,4 +223,6 @@ class DepthwiseConv2d(nn.Conv2d):
             parts.append(f"dilation={self.dilation}")
         if self.bias is None:
             parts.append("bias=False")
+        if self.padding_mode != "zeros":
+            parts.append(f"padding_mode={self.padding_mode!r}")
         return ", ".join(parts)

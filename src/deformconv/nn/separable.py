@@ -57,6 +57,8 @@ class SeparableConv2d(nn.Module):
         dilation: depthwise dilation ``(dh, dw)`` or one int (Keras ``dilation_rate``).
         depth_multiplier: depthwise filters per input channel.
         bias: add a bias after the pointwise step (Keras ``use_bias``).
+        padding_mode: what the depthwise step's padding holds: ``"zeros"`` (Keras),
+            ``"reflect"``, ``"replicate"`` or ``"circular"`` (as in ``torch.nn.Conv2d``).
 
     Shape:
         - input: ``(B, C, H, W)``
@@ -80,6 +82,7 @@ class SeparableConv2d(nn.Module):
         dilation: int | tuple[int, int] = 1,
         depth_multiplier: int = 1,
         bias: bool = True,
+        padding_mode: str = "zeros",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -93,6 +96,7 @@ class SeparableConv2d(nn.Module):
             padding=padding,
             dilation=dilation,
             bias=False,
+            padding_mode=padding_mode,
             device=device,
             dtype=dtype,
         )
@@ -111,6 +115,10 @@ class SeparableConv2d(nn.Module):
     @property
     def depth_multiplier(self) -> int:
         return self.depthwise.depth_multiplier
+
+    @property
+    def padding_mode(self) -> str:
+        return self.depthwise.padding_mode
 
     def forward(self, input: Tensor) -> Tensor:
         """Convolve ``Tensor[B, C, H, W]`` into ``Tensor[B, out_channels, H_out, W_out]``."""

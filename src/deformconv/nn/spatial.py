@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deformconv.nn.depthwise import PaddingArg, _padding, _pair, same_padding
+from deformconv.nn.depthwise import PaddingArg, _pad_mode, _padding, _pair, same_padding
 
 __all__ = ["SpatiallySeparableConv2d"]
 
@@ -49,6 +49,10 @@ class SpatiallySeparableConv2d(nn.Module):
         mid_channels: channels between the two passes when mixing channels (default
             ``out_channels``); must be ``None`` or ``in_channels`` when ``per_channel``.
         bias: add a bias after the horizontal pass.
+        padding_mode: what the padding holds: ``"zeros"``, ``"reflect"``, ``"replicate"`` or
+            ``"circular"`` (as in ``torch.nn.Conv2d``). Rows are padded before the vertical
+            pass and columns before the horizontal one, which for every mode gives the full
+            convolution with that padding (padding one axis commutes with filtering the other).
 
     Shape:
         - input: ``(B, C, H, W)``
@@ -76,10 +80,12 @@ class SpatiallySeparableConv2d(nn.Module):
         per_channel: bool = False,
         mid_channels: int | None = None,
         bias: bool = True,
+        padding_mode: str = "zeros",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        _pad_mode(padding_mode)
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -116,6 +122,7 @@ class SpatiallySeparableConv2d(nn.Module):
             dilation=(dh, 1),
             groups=in_channels if per_channel else 1,
             bias=False,
+            padding_mode=padding_mode,
             **factory,
         )
         self.horizontal = nn.Conv2d(
@@ -127,6 +134,7 @@ class SpatiallySeparableConv2d(nn.Module):
             dilation=(1, dw),
             groups=in_channels if per_channel else 1,
             bias=bias,
+            padding_mode=padding_mode,
             **factory,
         )
         self.per_channel = bool(per_channel)
@@ -152,6 +160,10 @@ class SpatiallySeparableConv2d(nn.Module):
         return self.vertical.stride[0], self.horizontal.stride[1]
 
     @property
+    def padding_mode(self) -> str:
+        return self.vertical.padding_mode
+
+    @property
     def dilation(self) -> tuple[int, int]:
         return self.vertical.dilation[0], self.horizontal.dilation[1]
 
@@ -160,10 +172,11 @@ class SpatiallySeparableConv2d(nn.Module):
         if self.padding != "same":
             return self.horizontal(self.vertical(input))
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        mode = _pad_mode(self.padding_mode)
         top, bottom = same_padding(input.shape[-2], kh, sh, dh)
-        rows = self.vertical(F.pad(input, (0, 0, top, bottom)))
+        rows = self.vertical(F.pad(input, (0, 0, top, bottom), mode=mode))
         left, right = same_padding(rows.shape[-1], kw, sw, dw)
-        return self.horizontal(F.pad(rows, (left, right, 0, 0)))
+        return self.horizontal(F.pad(rows, (left, right, 0, 0), mode=mode))
 
     def equivalent_weight(self) -> Tensor:
         """The weight of the single ``kh x kw`` convolution that this layer equals.
@@ -199,6 +212,8 @@ class SpatiallySeparableConv2d(nn.Module):
             parts.append(f"mid_channels={self.mid_channels}")
         if self.horizontal.bias is None:
             parts.append("bias=False")
+        if self.padding_mode != "zeros":
+            parts.append(f"padding_mode={self.padding_mode!r}")
         return ", ".join(parts)
 
     @classmethod

@@ -612,9 +612,8 @@ def backward(
             gmask_np, corners, weights,
         )  # fmt: skip
         _scatter_input_grad(gcols.numpy(), corners, weights, chunks, call.geo, n0, grad_xpf)
-        # Torch's and Numba's thread pools are separate OpenMP runtimes whose idle threads spin
-        # for a while: grouping the Numba kernels and the matrix multiplies of neighbouring
-        # tiles halves the hand-overs between them.
+        # The weight gradient of this tile and the column gradient of the next are neighbours,
+        # so the loop alternates between Numba kernels and matrix multiplies twice per tile.
         _weight_grad_add(grad_w, g_rows, cols, lay.groups)
 
     # A fresh tensor: grad_xp is a workspace the next call overwrites.

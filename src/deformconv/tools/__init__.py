@@ -1,4 +1,6 @@
-"""Tools around the layers: convolution arithmetic and per-model cost."""
+"""Tools around the layers: convolution arithmetic and per-model cost, separability and
+factorization of kernels and layers, and where deformable layers sample (matplotlib is imported
+only by the figure functions)."""
 
 from deformconv.tools.arithmetic import (
     KINDS,
@@ -22,6 +24,16 @@ from deformconv.tools.factorize import (
 from deformconv.tools.kernels import kernel_names, named_kernel, parse_kernel
 from deformconv.tools.model_cost import LayerCost, ModelCost, model_cost
 from deformconv.tools.separability import KernelFactorization, factorize_kernel
+from deformconv.tools.visualize import (
+    OffsetField,
+    SamplingExample,
+    SamplingLayer,
+    offset_field,
+    offset_field_figure,
+    sampling_figure,
+    sampling_points,
+    unit_centre,
+)
 
 __all__ = [
     "KINDS",
@@ -33,6 +45,9 @@ __all__ = [
     "LayerReport",
     "ModelCost",
     "ModelFactorization",
+    "OffsetField",
+    "SamplingExample",
+    "SamplingLayer",
     "StepCost",
     "conv_cost",
     "factorize_conv",
@@ -42,9 +57,14 @@ __all__ = [
     "kernel_names",
     "model_cost",
     "named_kernel",
+    "offset_field",
+    "offset_field_figure",
     "parse_kernel",
+    "sampling_figure",
+    "sampling_points",
     "spec_from_module",
     "to_depthwise_separable",
     "to_spatially_separable",
     "transposed_output_padding",
+    "unit_centre",
 ]

@@ -92,8 +92,6 @@ def _ineligible(conv: nn.Module, method: str) -> str | None:
         return "a 1 x 1 kernel has nothing to split"
     if method == "spatial" and min(kh, kw) == 1:
         return f"a {kh} x {kw} kernel has nothing to split into k x 1 and 1 x k"
-    if _padding(conv) == "same" and conv.padding_mode != "zeros":
-        return f"padding='same' with an even kernel extent and padding_mode={conv.padding_mode!r}"
     return None
 
 
@@ -193,6 +191,7 @@ def _build(conv: nn.Conv2d, factors: _Factors, rank: int) -> nn.Module:
         "padding": _padding(conv),
         "dilation": conv.dilation,
         "bias": conv.bias is not None,
+        "padding_mode": conv.padding_mode,
         **like,
     }
     module: SpatiallySeparableConv2d | SeparableConv2d
@@ -201,13 +200,11 @@ def _build(conv: nn.Conv2d, factors: _Factors, rank: int) -> nn.Module:
             module = SpatiallySeparableConv2d(c, o, (kh, kw), mid_channels=rank, **common)
             module.vertical.weight.copy_(factors.first[:rank, :, :, None])
             module.horizontal.weight.copy_(factors.second[:, :rank, None, :])
-            module.vertical.padding_mode = module.horizontal.padding_mode = conv.padding_mode
             out_conv = module.horizontal
         else:
             module = SeparableConv2d(c, o, (kh, kw), depth_multiplier=rank, **common)
             module.depthwise.weight.copy_(factors.first[:, :rank].reshape(c * rank, 1, kh, kw))
             module.pointwise.weight.copy_(factors.second[:, :, :rank].reshape(o, c * rank, 1, 1))
-            module.depthwise.padding_mode = conv.padding_mode
             out_conv = module.pointwise
         if conv.bias is not None:
             assert out_conv.bias is not None
