@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deformconv.ops._workspace import batch_chunk
+from deformconv.ops._workspace import batch_chunks
 
 Pair = tuple[int, int]
 
@@ -151,9 +151,8 @@ def forward(
     kernel = (weight.shape[2], weight.shape[3])
     out_h, out_w = offset.shape[-2:]
     out = input.new_empty((batch, weight.shape[0], out_h * out_w))
-    step = batch_chunk(batch, _FORWARD_COPIES * _bytes_per_image(input, weight, offset))
-    for start in range(0, batch, step):
-        stop = min(start + step, batch)
+    chunks = batch_chunks(batch, _FORWARD_COPIES * _bytes_per_image(input, weight, offset))
+    for start, stop in chunks:
         plan = _Plan(offset[start:stop], *input.shape[2:], kernel, stride, padding, dilation)
         m = None if mask is None else mask[start:stop]
         cols = _columns(input[start:stop], plan, m)
@@ -183,9 +182,8 @@ def backward(
         None if mask is None else torch.empty_like(mask, memory_format=torch.contiguous_format)
     )
     grad_weight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
-    step = batch_chunk(batch, _BACKWARD_COPIES * _bytes_per_image(input, weight, offset))
-    for start in range(0, batch, step):
-        stop = min(start + step, batch)
+    chunks = batch_chunks(batch, _BACKWARD_COPIES * _bytes_per_image(input, weight, offset))
+    for start, stop in chunks:
         x = input[start:stop]
         m = None if mask is None else mask[start:stop]
         plan = _Plan(offset[start:stop], *input.shape[2:], kernel, stride, padding, dilation)

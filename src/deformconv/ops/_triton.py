@@ -19,7 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from deformconv.ops._portable import Pair, _bytes_per_image, _cols_grad, _contract, _weight_grad
-from deformconv.ops._workspace import batch_chunk
+from deformconv.ops._workspace import batch_chunks
 
 _BLOCK_P = 64
 
@@ -303,9 +303,7 @@ def forward(
     geo = _geometry(input, offset, weight)
     params = (*stride, *padding, *dilation)
     out = input.new_empty((batch, weight.shape[0], geo["P"]))
-    step = batch_chunk(batch, _bytes_per_image(input, weight, offset))
-    for start in range(0, batch, step):
-        stop = min(start + step, batch)
+    for start, stop in batch_chunks(batch, _bytes_per_image(input, weight, offset)):
         cols = _im2col(
             input[start:stop],
             offset[start:stop],
@@ -341,10 +339,8 @@ def backward(
     grad_mask = None if mask is None else torch.empty_like(mask)
     grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=weight.dtype)
     # Columns and their gradient are alive together.
-    step = batch_chunk(batch, 2 * _bytes_per_image(input, weight, offset))
     block_c = _block_c(geo["Cg"])
-    for start in range(0, batch, step):
-        stop = min(start + step, batch)
+    for start, stop in batch_chunks(batch, 2 * _bytes_per_image(input, weight, offset)):
         n = stop - start
         x = input[start:stop]
         off = offset[start:stop]

@@ -67,9 +67,15 @@ def workspace_budget(nbytes: int) -> Iterator[None]:
         _budget_bytes = previous
 
 
-def batch_chunk(batch: int, bytes_per_image: int) -> int:
-    """How many images fit the budget at once (at least one, at most ``batch``)."""
-    if batch <= 1:
-        return max(batch, 1)
+def batch_chunks(batch: int, bytes_per_image: int) -> list[tuple[int, int]]:
+    """Image ranges ``[start, stop)`` covering ``batch`` images, each as many as fit the budget
+    at ``bytes_per_image`` (but at least one).
+
+    Example:
+        >>> with workspace_budget(10):
+        ...     batch_chunks(5, 4)
+        [(0, 2), (2, 4), (4, 5)]
+    """
     per = max(int(bytes_per_image), 1)
-    return max(1, min(batch, get_workspace_budget() // per))
+    step = max(1, min(batch, get_workspace_budget() // per))
+    return [(start, min(start + step, batch)) for start in range(0, batch, step)]
