@@ -8,7 +8,8 @@ deformconv's portable PyTorch kernel and deformconv's Numba CPU kernel, forward 
 forward+backward (gradients of input, offset, mask, weight and bias), in one process; every figure
 is a median of ``torch.utils.benchmark.Timer.blocked_autorange`` after a warm-up call, with its
 ratio to dense convolution of the same shape and direction measured in the same run. Peak memory
-is the increase in peak resident memory that one forward+backward adds, each in a fresh process.
+is the increase in peak resident memory that one forward+backward adds, each in a fresh process
+(two such processes at a time, as timing does not affect it).
 The table is printed as Markdown. Other processes busy on the machine make ratios unreliable; the
 script measures how much CPU they took during each shape and says so under the table.
 """
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import torch
@@ -464,10 +466,14 @@ def main(argv=None) -> int:
             gc.collect()
         print(f"timed {shape.name} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     if not args.no_memory:
-        for shape in shapes:
-            for method in (m for m in methods if m != "onnxruntime"):
-                memory[(shape.name, method)] = measure_memory(shape, method)
-            print(f"memory {shape.name} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+        jobs = {(s.name, m): (s, m) for s in shapes for m in methods if m != "onnxruntime"}
+        # A process's peak resident memory does not depend on how fast it runs, so the fresh
+        # processes are measured two at a time.
+        with ThreadPoolExecutor(max_workers=THREADS) as pool:
+            futures = {pool.submit(measure_memory, *job): key for key, job in jobs.items()}
+            for future in as_completed(futures):
+                memory[futures[future]] = future.result()
+        print(f"memory ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
 
     given = sys.argv[1:] if argv is None else list(argv)
     command = " ".join(["python benchmarks/bench_cpu.py", *given])

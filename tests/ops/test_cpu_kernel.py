@@ -228,6 +228,27 @@ def test_two_backward_passes_are_bit_identical() -> None:
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("min_channels", [1, 8, 64])
+def test_any_scatter_split_gives_the_same_gradients(monkeypatch, min_channels: int) -> None:
+    # The input-gradient scatter splits each image's channels among tasks; how finely is a
+    # tuning choice. Every split must give torchvision's gradients, and the same bits (each
+    # element's sum runs in the same order whichever task owns it).
+    tensors, grad_out, params = _case(
+        batch=1, channels=130, out_channels=3, size=(6, 5), offset_groups=2, dtype=torch.float32
+    )
+    reference = _kernel(_cpu, tensors, grad_out, params)
+    monkeypatch.setattr(_cpu, "_MIN_CHANNEL_BLOCK", min_channels)
+    monkeypatch.setattr(_cpu, "_CHANNEL_BLOCK", max(min_channels, 4))
+    lay = _cpu._Call(
+        tensors["input"], tensors["offset"], tensors["mask"], tensors["weight"], *params
+    ).lay
+    assert _cpu._scatter_chunk(lay, lay.pixels) == max(min_channels, 4)  # the split happens
+    ours = _kernel(_cpu, tensors, grad_out, params)
+    _assert_same(ours, _torchvision(tensors, grad_out, params), torch.float32)
+    for name, a, b in zip(NAMES, ours[1], reference[1], strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_any_memory_layout_is_accepted() -> None:
     tensors, grad_out, params = _case(batch=2, channels=6, size=(6, 7))
     reference = _kernel(_cpu, tensors, grad_out, params)
