@@ -73,6 +73,23 @@ def _position(h, w, height, width, padded_w, one):
     return -1, False, one - one, one - one
 
 
+@njit(inline="always")
+def _bilinear(m, lh, lw, one):
+    """``(hh, hw, w00, w01, w10, w11)``: the complements ``1 - lh`` and ``1 - lw`` and the
+    modulated bilinear weights of the top-left, top-right, bottom-left and bottom-right corners."""
+    hh = one - lh
+    hw = one - lw
+    return hh, hw, m * hh * hw, m * hh * lw, m * lh * hw, m * lh * lw
+
+
+@njit(inline="always")
+def _corner_starts(corner, c0, n_ch, row_step):
+    """Flat offsets of channel ``c0`` at the four corners whose top-left is padded pixel
+    ``corner``, in the order of :func:`_bilinear`."""
+    s00 = np.uint64(corner) * n_ch + c0
+    return s00, s00 + n_ch, s00 + row_step, s00 + row_step + n_ch
+
+
 # The parallel kernels index their array arguments directly and keep clear of local arrays:
 # Numba then proves that the arguments do not alias and marks them ``noalias``, which LLVM needs
 # to vectorise the channel loops without runtime checks. Rows are output pixels flattened over
@@ -113,16 +130,8 @@ def _sample_columns(xpf, offset, mask, base_y, base_x, runs, geo, one, n0, cols)
                         dst = np.uint64(runs[q, 2] + (i * kw + j) * tap_stride)
                         if ok:
                             m = mask[mb, tap if per_mask_tap else 0, p]
-                            hh = one - lh
-                            hw = one - lw
-                            w00 = m * hh * hw
-                            w01 = m * hh * lw
-                            w10 = m * lh * hw
-                            w11 = m * lh * lw
-                            s00 = np.uint64(corner) * n_ch + c0
-                            s01 = s00 + n_ch
-                            s10 = s00 + row_step
-                            s11 = s10 + n_ch
+                            _, _, w00, w01, w10, w11 = _bilinear(m, lh, lw, one)
+                            s00, s01, s10, s11 = _corner_starts(corner, c0, n_ch, row_step)
                             for c in range(length):
                                 cols[row, dst + c] = (
                                     w00 * xpf[b, s00 + c]
@@ -174,12 +183,7 @@ def _sample_backward(
                         corner, ok, lh, lw = _position(h, w, height, width, padded_w, one)
                         dst = np.uint64(runs[q, 2] + (i * kw + j) * tap_stride)
                         m = mask[mb, tap if per_mask_tap else 0, p]
-                        hh = one - lh
-                        hw = one - lw
-                        w00 = m * hh * hw
-                        w01 = m * hh * lw
-                        w10 = m * lh * hw
-                        w11 = m * lh * lw
+                        hh, hw, w00, w01, w10, w11 = _bilinear(m, lh, lw, one)
                         corners[row, tap] = corner if ok else -1
                         weights[row, tap, 0] = w00
                         weights[row, tap, 1] = w01
@@ -194,10 +198,7 @@ def _sample_backward(
                         d01 = one - one
                         d10 = one - one
                         d11 = one - one
-                        s00 = np.uint64(corner) * n_ch + c0
-                        s01 = s00 + n_ch
-                        s10 = s00 + row_step
-                        s11 = s10 + n_ch
+                        s00, s01, s10, s11 = _corner_starts(corner, c0, n_ch, row_step)
                         if ok:
                             for c in range(length):
                                 v00 = xpf[b, s00 + c]
@@ -260,10 +261,7 @@ def _scatter_input_grad(gcols, corners, weights, chunks, geo, n0, grad_xpf):
                 w10 = weights[row, tap, 2]
                 w11 = weights[row, tap, 3]
                 dst = np.uint64(chunks[q, 2] + k * tap_stride)
-                s00 = np.uint64(corner) * n_ch + c0
-                s01 = s00 + n_ch
-                s10 = s00 + row_step
-                s11 = s10 + n_ch
+                s00, s01, s10, s11 = _corner_starts(corner, c0, n_ch, row_step)
                 for c in range(length):
                     grad_xpf[b, s00 + c] += w00 * gcols[row, dst + c]
                 for c in range(length):
@@ -484,9 +482,9 @@ def _scatter_chunk(lay: _Layout, tile_rows: int) -> int:
     otherwise few enough that a tile has a task for every thread (the scatter parallelises over
     images and runs of channels)."""
     images = max(1, tile_rows // lay.pixels)
-    runs = len(lay.runs())
-    splits = -(-numba.get_num_threads() // (images * runs))
-    longest = int(lay.runs()[:, 1].max())
+    runs = lay.runs()
+    splits = -(-numba.get_num_threads() // (images * len(runs)))
+    longest = int(runs[:, 1].max())
     return max(_MIN_CHANNEL_BLOCK, min(_CHANNEL_BLOCK, -(-longest // splits)))
 
 
