@@ -458,7 +458,7 @@ def _transposed_size(n: int, k: int, s: int, p: int, d: int, op: int) -> int | N
 
 @pytest.mark.parametrize(
     ("n", "k", "s", "p", "d"),
-    itertools.product((1, 2, 5), (1, 2, 3, 4), (1, 2, 3), (0, 1, 3), (1, 2)),
+    list(itertools.product((1, 2, 5), (1, 2, 3, 4), (1, 2, 3), (0, 1, 3), (1, 2))),
 )
 def test_transposed_output_padding_against_conv_transpose(n, k, s, p, d):
     reachable = {}

@@ -178,7 +178,9 @@ class TorchvisionDeformable(nn.Module):
         return self.dcn(x, out[:, : 2 * self.taps], mask)
 
 
-@pytest.mark.parametrize(("offset_groups", "modulated"), itertools.product((1, 2), (False, True)))
+@pytest.mark.parametrize(
+    ("offset_groups", "modulated"), list(itertools.product((1, 2), (False, True)))
+)
 def test_torchvision_deform_conv_is_counted_from_its_call(offset_groups, modulated):
     pytest.importorskip("torchvision")
     model = TorchvisionDeformable(offset_groups, modulated)
