@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
+from deformconv.ops import use_kernel
+
 THREADS = 2
 METHODS = ("dense", "torchvision", "onnxruntime", "portable", "deformconv")
 LABELS = {
@@ -228,14 +230,11 @@ def _clean_median(timer: Timer, min_run_time: float, retries: int = 3) -> float:
 
 
 def _portable(fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` with the dispatcher forced to the portable kernel (it reads the variable per call)."""
+    """``fn`` with the dispatcher forced to the portable kernel."""
 
     def wrapped():
-        os.environ["DEFORMCONV_CPU_KERNEL"] = "portable"
-        try:
+        with use_kernel("portable", "cpu"):
             return fn()
-        finally:
-            del os.environ["DEFORMCONV_CPU_KERNEL"]
 
     return wrapped
 

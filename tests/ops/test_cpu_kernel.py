@@ -13,8 +13,7 @@ import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deformconv.ops import _cpu, _portable, workspace_budget
-from deformconv.ops.deform_conv import kernel_module
+from deformconv.ops import _cpu, _portable, active_kernel, output_size, use_kernel, workspace_budget
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 NAMES = ("input", "offset", "mask", "weight", "bias")
@@ -38,7 +37,7 @@ def _case(
 ):
     """Random tensors and parameters of one call, offsets ``randn * 2`` as in the benchmarks."""
     gen = torch.Generator().manual_seed(seed)
-    out_h, out_w = _portable.output_size(*size, kernel, stride, padding, dilation)
+    out_h, out_w = output_size(*size, kernel, stride, padding, dilation)
     taps = kernel[0] * kernel[1]
 
     def rand(*shape, scale=1.0):
@@ -282,8 +281,8 @@ def test_non_finite_offsets_read_zero_and_get_zero_gradient(bad: float) -> None:
     assert grads[2][1, 4, 2, 3] == 0 and grads[2][0, 1, 0, 0] == 0
 
 
-def test_the_dispatcher_runs_this_kernel_on_cpu_unless_told_otherwise(monkeypatch) -> None:
-    monkeypatch.delenv("DEFORMCONV_CPU_KERNEL", raising=False)
-    assert kernel_module("cpu") is _cpu
-    monkeypatch.setenv("DEFORMCONV_CPU_KERNEL", "portable")
-    assert kernel_module("cpu") is _portable
+def test_the_dispatcher_runs_this_kernel_on_cpu_unless_told_otherwise() -> None:
+    assert active_kernel("cpu") == "numba"
+    with use_kernel("portable", "cpu"):
+        assert active_kernel("cpu") == "portable"
+    assert active_kernel("cpu") == "numba"

@@ -18,7 +18,7 @@ import torchvision
 
 from deform_reference import deform_conv2d_naive
 from deformconv import deform_conv2d
-from deformconv.ops import _portable
+from deformconv.ops import _portable, output_size
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,7 @@ class Config:
     bias: bool
 
     def out_size(self) -> tuple[int, int]:
-        return _portable.output_size(
-            *self.size, self.kernel, self.stride, self.padding, self.dilation
-        )
+        return output_size(*self.size, self.kernel, self.stride, self.padding, self.dilation)
 
     def __str__(self) -> str:
         return (
@@ -280,13 +278,17 @@ def test_integer_offsets_equal_shifted_convolution(dy: int, dx: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_computes_like_float32(dtype: torch.dtype) -> None:
+def test_low_precision_matches_torchvision_in_float32(dtype: torch.dtype) -> None:
+    # The reference is torchvision.ops.deform_conv2d in float32 on the same (rounded) values,
+    # independent of our kernels; the tolerance is that of one rounding to the low dtype.
     cfg = CONFIGS[3]
     tensors = _tensors(cfg, torch.float32)
     low = {k: None if v is None else v.to(dtype) for k, v in tensors.items()}
     out, grads = _forward_backward(deform_conv2d, cfg, low)
     ref, ref_grads = _forward_backward(
-        deform_conv2d, cfg, {k: None if v is None else v.float() for k, v in low.items()}
+        torchvision.ops.deform_conv2d,
+        cfg,
+        {k: None if v is None else v.float() for k, v in low.items()},
     )
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from deform_reference import deform_conv2d_naive  # noqa: E402
-from deformconv.ops import _portable, _triton  # noqa: E402
+from deformconv.ops import _portable, _triton, output_size  # noqa: E402
 from deformconv.ops._workspace import workspace_budget  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -33,7 +33,7 @@ CASES = [
 def _make(case, dtype, seed=0):
     b, c, o, g, og, k, s, p, d, hw, has_mask = case
     gen = torch.Generator().manual_seed(seed)
-    out_h, out_w = _portable.output_size(*hw, k, s, p, d)
+    out_h, out_w = output_size(*hw, k, s, p, d)
     taps = k[0] * k[1]
 
     def rand(*shape, scale=1.0):

@@ -18,11 +18,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _PAIR = re.compile(r"^(\d+)(?:x(\d+))?$")
-_KERNEL_NAMES = {
-    "deformconv.ops._cpu": "Numba CPU",
-    "deformconv.ops._portable": "portable",
-    "deformconv.ops._triton": "Triton",
-}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
@@ -57,7 +52,7 @@ class BenchRow:
 
 
 def _tensors(cfg: BenchConfig) -> dict[str, Tensor]:
-    from deformconv.ops._portable import output_size
+    from deformconv.ops import output_size
 
     gen = torch.Generator().manual_seed(0)
     out_h, out_w = output_size(*cfg.size, cfg.kernel, cfg.stride, cfg.padding, cfg.dilation)
@@ -240,10 +235,9 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, RuntimeError) as error:
         console.print(f"[red]error:[/red] {error}")
         return 2
-    from deformconv.ops.deform_conv import kernel_module
+    from deformconv.ops import active_kernel
 
-    module = kernel_module(torch.device(args.device).type).__name__
-    kernel = _KERNEL_NAMES.get(module, module)
+    kernel = active_kernel(torch.device(args.device).type)
     table = Table(
         title=f"batch {cfg.batch}, {cfg.in_channels} -> {cfg.out_channels} channels, "
         f"{cfg.size[0]}x{cfg.size[1]}, kernel {cfg.kernel[0]}x{cfg.kernel[1]}, "

@@ -321,7 +321,7 @@ def _tables(result) -> list:
 def _environment(world_size: int, device: str) -> dict[str, Any]:
     import torch
 
-    from deformconv.ops.deform_conv import kernel_module
+    from deformconv.ops import active_kernel
 
     return {
         "torch": torch.__version__,
@@ -331,7 +331,7 @@ def _environment(world_size: int, device: str) -> dict[str, Any]:
         "threads_per_process": torch.get_num_threads(),
         "world_size": world_size,
         "device": device,
-        "deform_conv_kernel": kernel_module(torch.device(device).type).__name__,
+        "deform_conv_kernel": active_kernel(torch.device(device).type),
     }
 
 

@@ -1,6 +1,18 @@
-"""Functional operators: deformable convolution and its memory budget."""
+"""Functional operators: deformable convolution, its memory budget and its kernel choice."""
 
+from deformconv.ops._dispatch import KernelFallbackWarning, active_kernel, kernel_names, use_kernel
+from deformconv.ops._geometry import output_size
 from deformconv.ops._workspace import get_workspace_budget, set_workspace_budget, workspace_budget
 from deformconv.ops.deform_conv import deform_conv2d
 
-__all__ = ["deform_conv2d", "get_workspace_budget", "set_workspace_budget", "workspace_budget"]
+__all__ = [
+    "KernelFallbackWarning",
+    "active_kernel",
+    "deform_conv2d",
+    "get_workspace_budget",
+    "kernel_names",
+    "output_size",
+    "set_workspace_budget",
+    "use_kernel",
+    "workspace_budget",
+]

@@ -27,15 +27,6 @@ _FORWARD_COPIES = 3
 _BACKWARD_COPIES = 8
 
 
-def output_size(
-    height: int, width: int, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair
-) -> Pair:
-    """Output height and width of a convolution (the same rule as ``F.conv2d``)."""
-    out_h = (height + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
-    out_w = (width + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
-    return out_h, out_w
-
-
 class _Plan:
     """Where and with what weights every (image, offset group, tap, pixel) samples the input.
 

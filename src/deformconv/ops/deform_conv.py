@@ -11,12 +11,14 @@ PyTorch kernel by default (any device), the Numba kernel on CPU when Numba is av
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
-from deformconv.ops import _portable
+from deformconv.ops import _dispatch, _portable
+from deformconv.ops._geometry import output_size
 
 __all__ = ["deform_conv2d"]
 
@@ -97,7 +99,7 @@ def _check(
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_channels):
         raise ValueError(f"bias must have shape ({out_channels},), got {_shape(bias)}")
 
-    out_h, out_w = _portable.output_size(height, width, (kh, kw), stride, padding, dilation)
+    out_h, out_w = output_size(height, width, (kh, kw), stride, padding, dilation)
     if out_h < 1 or out_w < 1:
         raise ValueError(
             f"kernel ({kh}, {kw}) with dilation {dilation} is larger than the padded input "
@@ -193,43 +195,46 @@ def deform_conv2d(
 # --------------------------------------------------------------------------------------------
 # The custom operators. Arguments arrive validated by deform_conv2d.
 
-ForwardKernel = Callable[..., Tensor]
-BackwardKernel = Callable[..., tuple]
+
+def _upcast(kernels: ModuleType, dtype: torch.dtype) -> bool:
+    """Whether ``kernels`` needs float16/bfloat16 tensors copied to float32 first (kernel modules
+    that load and store low precision themselves set ``NATIVE_LOW_PRECISION = True``)."""
+    return dtype in _LOW_PRECISION and not getattr(kernels, "NATIVE_LOW_PRECISION", False)
 
 
 def _run_forward(
-    kernel: ForwardKernel,
+    kernels: ModuleType,
     input: Tensor,
     offset: Tensor,
     mask: Tensor | None,
     weight: Tensor,
     bias: Tensor | None,
-    params: tuple[int, ...],
+    params: Sequence[int],
 ) -> Tensor:
     """Shared preparation of every device's forward: empty batches and low precision."""
-    stride, padding, dilation = params[0:2], params[2:4], params[4:6]
+    stride, padding, dilation = tuple(params[0:2]), tuple(params[2:4]), tuple(params[4:6])
     out_h, out_w = offset.shape[-2:]
     if input.shape[0] == 0:
         return input.new_zeros((0, weight.shape[0], out_h, out_w))
     dtype = input.dtype
-    if dtype in _LOW_PRECISION:
+    if _upcast(kernels, dtype):
         up = [None if t is None else t.float() for t in (input, offset, mask, weight, bias)]
-        return kernel(*up, stride, padding, dilation).to(dtype)
-    return kernel(input, offset, mask, weight, bias, stride, padding, dilation)
+        return kernels.forward(*up, stride, padding, dilation).to(dtype)
+    return kernels.forward(input, offset, mask, weight, bias, stride, padding, dilation)
 
 
 def _run_backward(
-    kernel: BackwardKernel,
+    kernels: ModuleType,
     grad_out: Tensor,
     input: Tensor,
     offset: Tensor,
     mask: Tensor | None,
     weight: Tensor,
     bias: Tensor | None,
-    params: tuple[int, ...],
+    params: Sequence[int],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Shared preparation of every device's backward; absent mask or bias get empty gradients."""
-    stride, padding, dilation = params[0:2], params[2:4], params[4:6]
+    stride, padding, dilation = tuple(params[0:2]), tuple(params[2:4]), tuple(params[4:6])
     dtype = input.dtype
     if input.shape[0] == 0:
         grads = (
@@ -239,14 +244,16 @@ def _run_backward(
             torch.zeros_like(weight),
             None if bias is None else torch.zeros_like(bias),
         )
-    elif dtype in _LOW_PRECISION:
+    elif _upcast(kernels, dtype):
         up = [
             None if t is None else t.float() for t in (grad_out, input, offset, mask, weight, bias)
         ]
-        grads = kernel(*up, stride, padding, dilation)
+        grads = kernels.backward(*up, stride, padding, dilation)
         grads = tuple(None if g is None else g.to(dtype) for g in grads)
     else:
-        grads = kernel(grad_out, input, offset, mask, weight, bias, stride, padding, dilation)
+        grads = kernels.backward(
+            grad_out, input, offset, mask, weight, bias, stride, padding, dilation
+        )
     gi, go, gm, gw, gb = grads
     return (
         gi,
@@ -272,7 +279,7 @@ def _deform_conv2d_op(
     dilation_w: int,
 ) -> Tensor:
     params = (stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w)
-    return _run_forward(_portable.forward, input, offset, mask, weight, bias, params)
+    return _run_forward(_portable, input, offset, mask, weight, bias, params)
 
 
 @_deform_conv2d_op.register_fake
@@ -298,7 +305,7 @@ def _deform_conv2d_backward_op(
     dilation_w: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     params = (stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w)
-    return _run_backward(_portable.backward, grad_out, input, offset, mask, weight, bias, params)
+    return _run_backward(_portable, grad_out, input, offset, mask, weight, bias, params)
 
 
 @_deform_conv2d_backward_op.register_fake
@@ -352,44 +359,39 @@ _deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------
-# Device kernels. The default implementation above (every device) is the portable kernel; a
-# device listed here gets its own kernel module when that module imports, and
-# DEFORMCONV_<DEVICE>_KERNEL=portable forces the portable one (for comparisons and debugging).
+# Device kernels. The default implementation above (every device) is the portable kernel; the
+# devices registered here get their fast kernel through the dispatcher (deformconv.ops._dispatch),
+# which chooses once, honours DEFORMCONV_<DEVICE>_KERNEL and falls back to the portable kernel,
+# with a warning, when the fast one cannot load or fails on its first call.
 
-_DEVICE_KERNELS = {"cpu": "deformconv.ops._cpu", "cuda": "deformconv.ops._triton"}
-
-
-def kernel_module(device_type: str):
-    """The kernel module that runs deformable convolution on ``device_type`` ("cpu", "cuda"...).
-
-    Example:
-        >>> kernel_module("meta").__name__
-        'deformconv.ops._portable'
-    """
-    import importlib
-    import os
-
-    name = _DEVICE_KERNELS.get(device_type)
-    if name is None or os.environ.get(f"DEFORMCONV_{device_type.upper()}_KERNEL") == "portable":
-        return _portable
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        return _portable
+FAMILY = "deform_conv2d"
+_dispatch.register(
+    FAMILY,
+    portable="deformconv.ops._portable",
+    fast={"cpu": ("numba", "deformconv.ops._cpu"), "cuda": ("triton", "deformconv.ops._triton")},
+)
 
 
 def _register_device(device_type: str) -> None:
     def forward(input, offset, mask, weight, bias, *params):
-        kernel = kernel_module(device_type).forward
-        return _run_forward(kernel, input, offset, mask, weight, bias, tuple(params))
+        return _dispatch.run(
+            FAMILY,
+            device_type,
+            lambda kernels: _run_forward(kernels, input, offset, mask, weight, bias, params),
+        )
 
     def backward(grad_out, input, offset, mask, weight, bias, *params):
-        kernel = kernel_module(device_type).backward
-        return _run_backward(kernel, grad_out, input, offset, mask, weight, bias, tuple(params))
+        return _dispatch.run(
+            FAMILY,
+            device_type,
+            lambda kernels: _run_backward(
+                kernels, grad_out, input, offset, mask, weight, bias, params
+            ),
+        )
 
     _deform_conv2d_op.register_kernel(device_type)(forward)
     _deform_conv2d_backward_op.register_kernel(device_type)(backward)
 
 
-for _device in _DEVICE_KERNELS:
+for _device in ("cpu", "cuda"):
     _register_device(_device)
