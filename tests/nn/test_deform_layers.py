@@ -1,5 +1,6 @@
-"""Deformable layers: torchvision and mmcv compatibility, start-as-a-plain-convolution, learning,
-compilation, parameter groups and constructor checks."""
+"""Deformable layers: torchvision compatibility, loading mmcv checkpoints into DeformableConv2d,
+start-as-a-plain-convolution, learning, compilation, parameter groups, constructor and input
+checks. (mmcv's and detectron2's exact layers are tested in tests/compat.)"""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from torch import nn
 
 from deformconv.nn import (
     DeformableConv2d,
+    DeformableSeparableConv2d,
     DeformConv2d,
-    DeformConv2dPack,
-    ModulatedDeformConv2dPack,
     offset_param_groups,
 )
+from mmcv_reference import mmcv_pack_forward
 
 
 def test_loads_torchvision_state_dict_and_matches() -> None:
@@ -101,22 +102,6 @@ def test_offset_branch_learns_a_shift() -> None:
     assert losses[-1] < 0.5 * losses[0], losses[::10]
 
 
-def _mmcv_modulated_forward(sd: dict, x: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
-    """mmcv's ModulatedDeformConv2dPack.forward, written from its documented behaviour."""
-    out = F.conv2d(x, sd["conv_offset.weight"], sd["conv_offset.bias"], stride, padding, dilation)
-    o1, o2, m = torch.chunk(out, 3, dim=1)
-    return torchvision.ops.deform_conv2d(
-        x,
-        torch.cat((o1, o2), dim=1),
-        sd["weight"],
-        sd.get("bias"),
-        stride,
-        padding,
-        dilation,
-        mask=torch.sigmoid(m),
-    )
-
-
 @pytest.mark.parametrize("legacy", [False, True], ids=["conv_offset", "conv_offset_mask"])
 def test_loads_mmcv_modulated_state_dict(legacy: bool) -> None:
     torch.manual_seed(0)
@@ -126,13 +111,13 @@ def test_loads_mmcv_modulated_state_dict(legacy: bool) -> None:
         "conv_offset.weight": torch.randn(2 * 27, 4, 3, 3) * 0.1,
         "conv_offset.bias": torch.randn(2 * 27) * 0.1,
     }
-    layer = ModulatedDeformConv2dPack(4, 6, 3, stride=1, padding=1, deform_groups=2)
+    layer = DeformableConv2d(4, 6, 3, stride=1, padding=1, offset_groups=2)
     stored = {
         k.replace("conv_offset.", "conv_offset_mask.") if legacy else k: v for k, v in sd.items()
     }
     layer.load_mmcv_state_dict(stored)
     x = torch.randn(2, 4, 8, 8)
-    expected = _mmcv_modulated_forward(sd, x, 1, 1, 1)
+    expected = mmcv_pack_forward(sd, x, 1, 1, 1, modulated=True)
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -143,12 +128,10 @@ def test_loads_mmcv_v1_state_dict() -> None:
         "conv_offset.weight": torch.randn(18, 4, 3, 3) * 0.1,
         "conv_offset.bias": torch.randn(18) * 0.1,
     }
-    layer = DeformConv2dPack(4, 4, 3, padding=1)
-    assert layer.bias is None
+    layer = DeformableConv2d(4, 4, 3, padding=1, modulated=False, bias=False)
     layer.load_mmcv_state_dict(sd)
     x = torch.randn(2, 4, 8, 8)
-    offset = F.conv2d(x, sd["conv_offset.weight"], sd["conv_offset.bias"], padding=1)
-    expected = torchvision.ops.deform_conv2d(x, offset, sd["weight"], padding=1)
+    expected = mmcv_pack_forward(sd, x, 1, 1, 1, modulated=False)
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -175,10 +158,9 @@ def test_max_offset_bounds_offsets() -> None:
     [
         lambda: DeformConv2d(4, 6, 3, padding=1),
         lambda: DeformableConv2d(4, 6, 3, padding=1, offset_groups=2),
-        lambda: DeformConv2dPack(4, 6, 3, padding=1),
-        lambda: ModulatedDeformConv2dPack(4, 6, 3, padding=1),
+        lambda: DeformableConv2d(4, 6, 3, padding=1, modulated=False),
     ],
-    ids=["DeformConv2d", "DeformableConv2d", "DeformConv2dPack", "ModulatedDeformConv2dPack"],
+    ids=["DeformConv2d", "DeformableConv2d", "DeformableConv2d-v1"],
 )
 def test_compile_fullgraph(make) -> None:
     torch._dynamo.reset()
@@ -205,7 +187,11 @@ def test_compile_with_inductor() -> None:
 
 
 def test_offset_param_groups() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), DeformableConv2d(4, 4, 3), DeformConv2dPack(4, 4, 3))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1),
+        DeformableConv2d(4, 4, 3),
+        DeformableConv2d(4, 4, 3, modulated=False, bias=False),
+    )
     groups = offset_param_groups(model, lr=0.1, offset_lr_mult=0.5, weight_decay=1e-4)
     assert [len(g["params"]) for g in groups] == [2 + 2 + 1, 4]
     assert groups[1]["lr"] == pytest.approx(0.05) and groups[1]["weight_decay"] == 1e-4
@@ -246,3 +232,25 @@ def test_repr_shows_non_default_arguments() -> None:
     assert repr(DeformConv2d(4, 6, 3)) == "DeformConv2d(4, 6, kernel_size=(3, 3))"
     text = repr(DeformableConv2d(4, 6, 3, padding=1, offset_groups=2, modulated=False))
     assert "padding=(1, 1)" in text and "offset_groups=2" in text and "modulated=False" in text
+
+
+@pytest.mark.parametrize(
+    "layer,extra",
+    [
+        (DeformConv2d(4, 6, 3, padding=1), (torch.zeros(1, 18, 8, 8),)),
+        (DeformableConv2d(4, 6, 3, padding=1), ()),
+        (DeformableSeparableConv2d(4, 6, 3, padding=1), ()),
+    ],
+    ids=["DeformConv2d", "DeformableConv2d", "DeformableSeparableConv2d"],
+)
+def test_wrong_input_channels_are_refused_at_the_entrance(layer: nn.Module, extra: tuple) -> None:
+    """Named after the layer's in_channels, not after its hidden offset branch (issue 13)."""
+    with pytest.raises(
+        ValueError,
+        match=r"input must have shape \(batch, in_channels=4, height, width\), got \(1, 3, 8, 8\)",
+    ):
+        layer(torch.randn(1, 3, 8, 8), *extra)
+    with pytest.raises(ValueError, match=r"in_channels=4, height, width\), got \(3, 8, 8\)"):
+        layer(torch.randn(3, 8, 8), *extra)
+    with pytest.raises(TypeError, match=r"input must be a torch.Tensor, got list"):
+        layer([1.0], *extra)

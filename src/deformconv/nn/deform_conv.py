@@ -6,9 +6,9 @@ Zhu et al. 2019, "Deformable ConvNets v2").
 - :class:`DeformableConv2d` predicts its own offsets (and, for v2, its modulation mask) from its
   input with a regular convolution branch ``conv_offset``. The branch starts at zero, so a new layer
   equals a plain convolution: offsets 0 and, for v2, a mask of exactly 1 (``2 * sigmoid(0)``).
-- :class:`DeformConv2dPack` and :class:`ModulatedDeformConv2dPack` are the same layer under
-  mmcv's names and constructor arguments; :meth:`DeformableConv2d.load_mmcv_state_dict` loads
-  mmcv checkpoints.
+
+mmcv's and detectron2's layers, with their own names, defaults and numbers, are in
+:mod:`deformconv.compat`.
 """
 
 from __future__ import annotations
@@ -19,22 +19,12 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from deformconv.ops.deform_conv import _pair, deform_conv2d
+from deformconv._validation import check_int, to_pair
+from deformconv.ops.deform_conv import deform_conv2d
 
-__all__ = [
-    "DeformConv2d",
-    "DeformConv2dPack",
-    "DeformableConv2d",
-    "ModulatedDeformConv2dPack",
-]
+__all__ = ["DeformConv2d", "DeformableConv2d"]
 
 IntPair = int | tuple[int, int]
-
-
-def _positive(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class DeformConv2d(nn.Module):
@@ -47,7 +37,9 @@ class DeformConv2d(nn.Module):
         in_channels: channels of the input.
         out_channels: channels of the output.
         kernel_size: kernel height and width.
-        stride, padding, dilation: as in ``nn.Conv2d``.
+        stride: as in ``nn.Conv2d``.
+        padding: as in ``nn.Conv2d``.
+        dilation: as in ``nn.Conv2d``.
         groups: weight groups; must divide both channel counts.
         bias: learn an additive bias.
 
@@ -77,9 +69,9 @@ class DeformConv2d(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        _positive(in_channels, "in_channels")
-        _positive(out_channels, "out_channels")
-        _positive(groups, "groups")
+        check_int(in_channels, "in_channels")
+        check_int(out_channels, "out_channels")
+        check_int(groups, "groups")
         if in_channels % groups != 0:
             raise ValueError(
                 f"in_channels must be divisible by groups, got in_channels={in_channels}, "
@@ -92,10 +84,10 @@ class DeformConv2d(nn.Module):
             )
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size, "kernel_size", 1)
-        self.stride = _pair(stride, "stride", 1)
-        self.padding = _pair(padding, "padding", 0)
-        self.dilation = _pair(dilation, "dilation", 1)
+        self.kernel_size = to_pair(kernel_size, "kernel_size", 1)
+        self.stride = to_pair(stride, "stride", 1)
+        self.padding = to_pair(padding, "padding", 0)
+        self.dilation = to_pair(dilation, "dilation", 1)
         self.groups = groups
         self.weight = nn.Parameter(
             torch.empty(out_channels, in_channels // groups, *self.kernel_size)
@@ -114,7 +106,18 @@ class DeformConv2d(nn.Module):
             bound = 1 / math.sqrt(fan_in)
             nn.init.uniform_(self.bias, -bound, bound)
 
+    def _check_input(self, input: Tensor) -> None:
+        """Refuse an input the layer was not built for, before any of its branches sees it."""
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+        if input.dim() != 4 or input.shape[1] != self.in_channels:
+            raise ValueError(
+                f"input must have shape (batch, in_channels={self.in_channels}, height, width), "
+                f"got {tuple(input.shape)}"
+            )
+
     def forward(self, input: Tensor, offset: Tensor, mask: Tensor | None = None) -> Tensor:
+        self._check_input(input)
         return deform_conv2d(
             input,
             offset,
@@ -151,9 +154,23 @@ class DeformableConv2d(DeformConv2d):
     convolution with its weights. With ``max_offset`` set, offsets are bounded smoothly:
     ``max_offset * tanh(raw / max_offset)``.
 
+    How it differs from mmcv's ``DeformConv2dPack`` / ``ModulatedDeformConv2dPack`` (which
+    :mod:`deformconv.compat.mmcv` provides exactly): the mask is ``2 * sigmoid`` rather than
+    ``sigmoid``, so a new layer starts as the plain convolution instead of half of it; the main
+    weight and bias start as ``nn.Conv2d``'s, and the bias is on by default in v1 too; offsets may
+    be bounded (``max_offset``); :meth:`from_conv2d` turns a trained ``nn.Conv2d`` into one. The
+    branch name ``conv_offset`` and its channel layout (offsets, then mask logits) are mmcv's, and
+    :meth:`load_mmcv_state_dict` loads an mmcv checkpoint with identical outputs.
+
     Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as
-            :class:`DeformConv2d`.
+        in_channels: as :class:`DeformConv2d`.
+        out_channels: as :class:`DeformConv2d`.
+        kernel_size: as :class:`DeformConv2d`.
+        stride: as :class:`DeformConv2d`.
+        padding: as :class:`DeformConv2d`.
+        dilation: as :class:`DeformConv2d`.
+        groups: as :class:`DeformConv2d`.
+        bias: as :class:`DeformConv2d`.
         offset_groups: groups of input channels that share one offset field; must divide
             ``in_channels``.
         modulated: predict a modulation mask (DCNv2) as well as offsets (DCNv1).
@@ -190,7 +207,7 @@ class DeformableConv2d(DeformConv2d):
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias
         )
-        _positive(offset_groups, "offset_groups")
+        check_int(offset_groups, "offset_groups")
         if in_channels % offset_groups != 0:
             raise ValueError(
                 f"in_channels must be divisible by offset_groups, got in_channels={in_channels}, "
@@ -235,6 +252,7 @@ class DeformableConv2d(DeformConv2d):
         return offset, mask
 
     def forward(self, input: Tensor) -> Tensor:  # type: ignore[override]
+        self._check_input(input)
         offset, mask = self.offsets_and_mask(input)
         return super().forward(input, offset, mask)
 
@@ -284,14 +302,17 @@ class DeformableConv2d(DeformConv2d):
         return layer
 
     def load_mmcv_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True):
-        """Load a state_dict saved by mmcv's ``DeformConv2dPack`` or ``ModulatedDeformConv2dPack``.
+        """Load a state_dict of mmcv's ``DeformConv2dPack`` or ``ModulatedDeformConv2dPack`` into
+        this layer's design.
 
         mmcv's modulated layer uses ``sigmoid`` as its mask (starting at 0.5) where this layer
         uses ``2 * sigmoid``; the main weight is halved on loading so the outputs are identical.
-        The legacy key prefix ``conv_offset_mask.`` is mapped to ``conv_offset.``.
+        The legacy key prefix ``conv_offset_mask.`` is mapped to ``conv_offset.``. To keep mmcv's
+        layer itself (its numbers, names and ordinary ``load_state_dict``), use
+        :mod:`deformconv.compat.mmcv` instead.
 
         Returns:
-            The ``(missing_keys, unexpected_keys)`` named tuple of ``load_state_dict``.
+            (NamedTuple): ``(missing_keys, unexpected_keys)``, as ``load_state_dict`` returns.
         """
         mapped: dict[str, Tensor] = {}
         for key, value in state_dict.items():
@@ -311,73 +332,3 @@ class DeformableConv2d(DeformConv2d):
         if self.max_offset is not None:
             s += f", max_offset={self.max_offset}"
         return s
-
-
-class DeformConv2dPack(DeformableConv2d):
-    """mmcv's ``DeformConv2dPack`` (DCNv1 that predicts its own offsets), with mmcv's arguments.
-
-    Example:
-        >>> layer = DeformConv2dPack(4, 4, 3, padding=1, deform_groups=2)
-        >>> layer(torch.rand(1, 4, 8, 8)).shape
-        torch.Size([1, 4, 8, 8])
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: IntPair,
-        stride: IntPair = 1,
-        padding: IntPair = 0,
-        dilation: IntPair = 1,
-        groups: int = 1,
-        deform_groups: int = 1,
-        bias: bool = False,
-    ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            offset_groups=deform_groups,
-            modulated=False,
-        )
-
-
-class ModulatedDeformConv2dPack(DeformableConv2d):
-    """mmcv's ``ModulatedDeformConv2dPack`` (DCNv2 that predicts offsets and mask).
-
-    Example:
-        >>> layer = ModulatedDeformConv2dPack(4, 4, 3, padding=1)
-        >>> layer(torch.rand(1, 4, 8, 8)).shape
-        torch.Size([1, 4, 8, 8])
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: IntPair,
-        stride: IntPair = 1,
-        padding: IntPair = 0,
-        dilation: IntPair = 1,
-        groups: int = 1,
-        deform_groups: int = 1,
-        bias: bool = True,
-    ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            offset_groups=deform_groups,
-            modulated=True,
-        )

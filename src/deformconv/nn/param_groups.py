@@ -3,6 +3,11 @@
 Detection codebases train the offset (and mask) branches of deformable layers with a smaller
 learning rate than the rest of the network (mmdetection's ``dcn_offset_lr_mult``, typically 0.1),
 because large early offset updates destabilise training.
+
+An offset branch is the ``conv_offset`` convolution of a deformable layer that predicts its own
+offsets: :class:`~deformconv.nn.deform_conv.DeformableConv2d` and mmcv's ``DeformConv2dPack`` and
+``ModulatedDeformConv2dPack`` of :mod:`deformconv.compat.mmcv` (mmcv's name for it, which
+mmdetection's rule also goes by).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from deformconv.nn.deform_conv import DeformableConv2d
+from deformconv.nn.deform_conv import DeformConv2d
 
 __all__ = ["offset_param_groups"]
 
@@ -22,8 +27,8 @@ def offset_param_groups(
     """Split ``model``'s trainable parameters into the rest and the offset branches.
 
     Args:
-        model: any module; the ``conv_offset`` branches of its :class:`DeformableConv2d` layers
-            form the second group.
+        model: any module; the ``conv_offset`` branches of its deformable layers (see the module
+            docstring) form the second group.
         lr: learning rate of the first group.
         offset_lr_mult: factor applied to ``lr`` for the offset branches.
         **options: other per-group options (``weight_decay``, ...) given to both groups.
@@ -34,6 +39,7 @@ def offset_param_groups(
 
     Example:
         >>> import torch
+        >>> from deformconv.nn import DeformableConv2d
         >>> model = torch.nn.Sequential(DeformableConv2d(3, 8, 3), torch.nn.ReLU())
         >>> groups = offset_param_groups(model, lr=0.1)
         >>> [len(g["params"]) for g in groups], groups[1]["lr"]
@@ -49,7 +55,7 @@ def offset_param_groups(
     offset_ids = {
         id(p)
         for m in model.modules()
-        if isinstance(m, DeformableConv2d)
+        if isinstance(m, DeformConv2d) and isinstance(getattr(m, "conv_offset", None), nn.Module)
         for p in m.conv_offset.parameters()
     }
     trainable = [p for p in model.parameters() if p.requires_grad]
