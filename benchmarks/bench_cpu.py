@@ -1,17 +1,40 @@
-"""CPU benchmark of deformable convolution v2, following the protocol of BENCHMARKS.md.
+"""CPU benchmark of deformable convolution v2: each method against dense convolution.
 
     python benchmarks/bench_cpu.py
 
-For each shape it times dense ``F.conv2d`` (the yardstick), ``torchvision.ops.deform_conv2d``,
-ONNX Runtime's ``DeformConv`` (forward only; a model built with the onnx helper API, opset 19),
-deformconv's portable PyTorch kernel and deformconv's Numba CPU kernel, forward and
-forward+backward (gradients of input, offset, mask, weight and bias), in one process; every figure
-is a median of ``torch.utils.benchmark.Timer.blocked_autorange`` after a warm-up call, with its
-ratio to dense convolution of the same shape and direction measured in the same run. Peak memory
-is the increase in peak resident memory that one forward+backward adds, each in a fresh process
-(two such processes at a time, as timing does not affect it).
-The table is printed as Markdown. Other processes busy on the machine make ratios unreliable; the
-script measures how much CPU they took during each shape and says so under the table.
+The protocol (all of it is here; nothing else needs reading):
+
+- float32, ``torch.set_num_threads(2)`` (``--threads`` changes it for every method);
+  deformable convolution v2 (with a mask), random offsets ``randn * 2``, mask
+  ``sigmoid(randn)``, weights scaled by ``1 / sqrt(fan_in)``;
+- methods: dense ``F.conv2d`` of the same shape (the yardstick: same input, weight, stride,
+  padding, dilation), ``torchvision.ops.deform_conv2d``, ONNX Runtime's ``DeformConv`` (forward
+  only; a model of one node, opset 19, as many threads), deformconv's portable PyTorch kernel
+  (``--methods`` only) and deformconv's Numba CPU kernel;
+- forward, and forward+backward: gradients of a random upstream gradient with respect to
+  input, offset, mask, weight and bias (dense: input, weight, bias);
+- every figure is the median of ``torch.utils.benchmark.Timer.blocked_autorange`` after a
+  warm-up call, each method timed in three interleaved slices of ``min_run_time / 3`` (the
+  median slice is kept), so a drift of the machine's speed affects every method alike, and
+  reported with its ratio to dense convolution of the same shape and direction measured in the
+  same process, in the same run (absolute times on a shared machine drift by 2x from run to
+  run; ratios measured side by side do not);
+- peak memory is the increase of the peak resident set that one forward+backward adds, each in
+  a fresh process after a warm-up on a tiny image of the same layer (so that loading code and
+  compiling kernels do not count);
+- the network rows (``benchmarks/bench_resnet.py``; ``--no-network`` skips them) time
+  ResNet-50 with DCNv2 in conv2 of every bottleneck of layer2-4 (mmdetection's R50-DCN)
+  against the plain ResNet-50: inference on 1x3x512x512 and a training step (forward and
+  backward) on 2x3x320x320, with deformconv's layers and with torchvision's op.
+
+Two pitfalls of timing on a small shared machine are handled: glibc serves an allocation at
+least as large as the largest block freed so far with a fresh ``mmap`` (a page fault per 4 KiB
+on every call), so a 24 MiB block is freed first and every method runs in the regime of a
+long-running process; and ONNX Runtime's thread pool keeps spinning after each run, so it is
+timed last. If other processes take CPU during a measurement, it is repeated, and the table
+says so underneath; the load average is printed with the table.
+
+The table is printed as Markdown; progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -51,17 +74,22 @@ class Shape:
     batch: int
     in_channels: int
     out_channels: int
-    size: int
+    size: int  # height (and width, unless given)
     kernel: int = 3
     stride: int = 1
     padding: int = 1
     dilation: int = 1
     offset_groups: int = 1
+    width: int | None = None
 
     @property
-    def out_size(self) -> int:
+    def in_size(self) -> tuple[int, int]:
+        return self.size, self.size if self.width is None else self.width
+
+    @property
+    def out_size(self) -> tuple[int, int]:
         span = self.dilation * (self.kernel - 1) + 1
-        return (self.size + 2 * self.padding - span) // self.stride + 1
+        return tuple((n + 2 * self.padding - span) // self.stride + 1 for n in self.in_size)
 
     def describe(self) -> str:
         extra = [
@@ -73,9 +101,10 @@ class Shape:
             )
             if value != default
         ]
+        height, width = self.in_size
         return (
             f"batch {self.batch}, {self.in_channels} -> {self.out_channels} channels, "
-            f"{self.size}x{self.size}, kernel {self.kernel}x{self.kernel}, padding {self.padding}"
+            f"{height}x{width}, kernel {self.kernel}x{self.kernel}, padding {self.padding}"
             + "".join(f", {e}" for e in extra)
         )
 
@@ -86,12 +115,18 @@ SHAPES = {
         Shape("a", 8, 64, 64, 56),
         Shape("b", 2, 256, 256, 28),
         Shape("c", 32, 32, 32, 28),
+        # Frame alignment in video restoration (EDVR, BasicVSR++): one 180x320 frame.
+        Shape("video", 1, 64, 64, 180, width=320, offset_groups=8),
+        Shape("dilated og4", 4, 96, 96, 40, padding=2, dilation=2, offset_groups=4),
+        Shape("5x5 stride 2", 8, 48, 64, 32, kernel=5, stride=2, padding=2),
         Shape("a stride 2", 8, 64, 64, 56, stride=2),
         Shape("a dilation 2", 8, 64, 64, 56, padding=2, dilation=2),
         Shape("b 5x5", 2, 256, 256, 28, kernel=5, padding=2),
         Shape("a offset groups 4", 8, 64, 64, 56, offset_groups=4),
     )
 }
+DEFAULT_SHAPES = ("a", "b", "c", "video", "dilated og4", "5x5 stride 2")
+DEFAULT_METHODS = ("dense", "torchvision", "onnxruntime", "deformconv")
 
 
 def inputs(shape: Shape, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -100,18 +135,17 @@ def inputs(shape: Shape, seed: int = 0) -> dict[str, torch.Tensor]:
     taps = shape.kernel**2
     out = shape.out_size
     return {
-        "input": torch.randn(shape.batch, shape.in_channels, shape.size, shape.size, generator=gen),
+        "input": torch.randn(shape.batch, shape.in_channels, *shape.in_size, generator=gen),
         "weight": torch.randn(
             shape.out_channels, shape.in_channels, shape.kernel, shape.kernel, generator=gen
         )
         / (shape.in_channels * taps) ** 0.5,
         "bias": torch.randn(shape.out_channels, generator=gen),
-        "offset": torch.randn(shape.batch, 2 * shape.offset_groups * taps, out, out, generator=gen)
-        * 2,
+        "offset": torch.randn(shape.batch, 2 * shape.offset_groups * taps, *out, generator=gen) * 2,
         "mask": torch.sigmoid(
-            torch.randn(shape.batch, shape.offset_groups * taps, out, out, generator=gen)
+            torch.randn(shape.batch, shape.offset_groups * taps, *out, generator=gen)
         ),
-        "grad": torch.randn(shape.batch, shape.out_channels, out, out, generator=gen),
+        "grad": torch.randn(shape.batch, shape.out_channels, *out, generator=gen),
     }
 
 
@@ -186,7 +220,7 @@ def _onnx_forward(shape: Shape, t: dict[str, torch.Tensor]) -> Callable[[], obje
         pads=[shape.padding] * 4,
         strides=[shape.stride] * 2,
     )
-    out = shape.out_size
+    out_h, out_w = shape.out_size
     graph = helper.make_graph(
         [node],
         "deform_conv",
@@ -196,7 +230,7 @@ def _onnx_forward(shape: Shape, t: dict[str, torch.Tensor]) -> Callable[[], obje
         ],
         [
             helper.make_tensor_value_info(
-                "Y", TensorProto.FLOAT, [shape.batch, shape.out_channels, out, out]
+                "Y", TensorProto.FLOAT, [shape.batch, shape.out_channels, out_h, out_w]
             )
         ],
     )
@@ -212,10 +246,10 @@ def _onnx_forward(shape: Shape, t: dict[str, torch.Tensor]) -> Callable[[], obje
     return lambda: session.run(None, feed)
 
 
-def _clean_median(timer: Timer, min_run_time: float, retries: int = 3) -> float:
+def _clean_median(timer: Timer, min_run_time: float, retries: int = 1) -> float:
     """Median of ``timer.blocked_autorange``; a measurement during which other processes took
-    more than a tenth of a core is repeated (up to ``retries`` times) and the least disturbed
-    one kept, as this machine may be shared."""
+    more than a quarter of a core is repeated (up to ``retries`` times, so that a busy machine
+    cannot stretch the run without bound) and the least disturbed one kept."""
     best = None
     for _ in range(retries + 1):
         with _Interference() as load:
@@ -223,9 +257,9 @@ def _clean_median(timer: Timer, min_run_time: float, retries: int = 3) -> float:
         share = load.foreign / load.wall
         if best is None or share < best[0]:
             best = (share, median)
-        if share < 0.1:
+        if share < 0.25:
             break
-        time.sleep(2.0)
+        time.sleep(0.5)
     return best[1]
 
 
@@ -312,12 +346,24 @@ def check_agreement(shape: Shape) -> float:
     return float((ours - theirs).abs().max())
 
 
-def _memory_child(method: str, shape_name: str) -> None:
+def _memory_child(method: str, shape_name: str, threads: str) -> None:
     """Run in a fresh process: the peak-RSS increase of one forward+backward, in bytes."""
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(int(threads))
     shape = SHAPES[shape_name]
-    # Load code and JIT kernels on a tiny shape first: code is not the op's memory.
-    tiny = Shape("tiny", 1, 4, 4, 8, shape.kernel, 1, shape.padding, 1, shape.offset_groups)
+    # Load code and JIT kernels on a tiny image of the same layer first (same channels and
+    # kernel, so the same kernels run): code is not the op's memory.
+    tiny = Shape(
+        "tiny",
+        1,
+        shape.in_channels,
+        shape.out_channels,
+        8,
+        shape.kernel,
+        1,
+        shape.padding,
+        1,
+        shape.offset_groups,
+    )
     step_functions(method, tiny, inputs(tiny))[1]()
     t = inputs(shape)
     step = step_functions(method, shape, t)[1]
@@ -349,7 +395,7 @@ def measure_memory(shape: Shape, method: str) -> float:
     if method == "portable":
         env["DEFORMCONV_CPU_KERNEL"] = "portable"
     result = subprocess.run(
-        [sys.executable, __file__, "--memory-child", method, shape.name],
+        [sys.executable, __file__, "--memory-child", method, shape.name, str(THREADS)],
         capture_output=True,
         text=True,
         env=env,
@@ -425,32 +471,62 @@ def _settle_allocator() -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    global THREADS
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--shapes",
-        default=",".join(SHAPES),
-        help="comma-separated shape names (default: all): " + ", ".join(SHAPES),
+        default=",".join(DEFAULT_SHAPES),
+        help=f"comma-separated shape names (default: {','.join(DEFAULT_SHAPES)}); known: "
+        + ", ".join(f"{name!r} ({shape.describe()})" for name, shape in SHAPES.items()),
     )
     parser.add_argument(
         "--methods",
-        default=",".join(METHODS),
-        help="comma-separated methods (default: all; dense is always timed): " + ", ".join(METHODS),
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated methods (default: {','.join(DEFAULT_METHODS)}; dense is always "
+        "timed): " + ", ".join(METHODS),
     )
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per figure")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory processes")
+    parser.add_argument("--no-network", action="store_true", help="skip the ResNet-50 rows")
     parser.add_argument(
-        "--memory-child", nargs=2, metavar=("METHOD", "SHAPE"), help=argparse.SUPPRESS
+        "--threads",
+        type=int,
+        default=THREADS,
+        help=f"threads of every method (default {THREADS}; 1 gives ratios that other processes "
+        "on a shared machine disturb less)",
+    )
+    parser.add_argument(
+        "--memory-child", nargs=3, metavar=("METHOD", "SHAPE", "THREADS"), help=argparse.SUPPRESS
     )
     args = parser.parse_args(argv)
     if args.memory_child:
         _memory_child(*args.memory_child)
         return 0
+    unknown = [n.strip() for n in args.shapes.split(",") if n.strip() not in SHAPES]
+    if unknown:
+        parser.error(
+            f"--shapes: unknown {', '.join(map(repr, unknown))}; known: {', '.join(SHAPES)}"
+        )
+    unknown = [m.strip() for m in args.methods.split(",") if m.strip() not in METHODS]
+    if unknown:
+        parser.error(
+            f"--methods: unknown {', '.join(map(repr, unknown))}; known: {', '.join(METHODS)}"
+        )
 
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    THREADS = args.threads
     torch.set_num_threads(THREADS)
     _settle_allocator()
     shapes = [SHAPES[name.strip()] for name in args.shapes.split(",")]
-    methods = ["dense"] + [m for m in METHODS if m != "dense" and m in args.methods.split(",")]
+    chosen = {m.strip() for m in args.methods.split(",")}
+    methods = ["dense"] + [m for m in METHODS if m != "dense" and m in chosen]
     start = time.perf_counter()
+    loads = [os.getloadavg()[0]]
     results, memory, busy = {}, {}, {}
     for shape in shapes:
         with _Interference() as load:
@@ -464,11 +540,20 @@ def main(argv=None) -> int:
                 )
             gc.collect()
         print(f"timed {shape.name} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    network = None
+    if not args.no_network:
+        import bench_resnet
+
+        names = ("plain", "deformconv") + (("torchvision",) if "torchvision" in chosen else ())
+        network = bench_resnet.measure(names=names)
+        gc.collect()
+        print(f"networks ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    loads.append(os.getloadavg()[0])
     if not args.no_memory:
         jobs = {(s.name, m): (s, m) for s in shapes for m in methods if m != "onnxruntime"}
         # A process's peak resident memory does not depend on how fast it runs, so the fresh
         # processes are measured two at a time.
-        with ThreadPoolExecutor(max_workers=THREADS) as pool:
+        with ThreadPoolExecutor(max_workers=2) as pool:
             futures = {pool.submit(measure_memory, *job): key for key, job in jobs.items()}
             for future in as_completed(futures):
                 memory[futures[future]] = future.result()
@@ -476,7 +561,7 @@ def main(argv=None) -> int:
 
     given = sys.argv[1:] if argv is None else list(argv)
     command = " ".join(["python benchmarks/bench_cpu.py", *given])
-    print(f"`{command}` on {machine()}")
+    print(f"`{command}` on {machine()}; load average {loads[0]:.2f} before, {loads[1]:.2f} after")
     print()
     print(
         "Medians in ms; in brackets the ratio to dense `F.conv2d` of the same shape and direction,"
@@ -487,6 +572,17 @@ def main(argv=None) -> int:
     print()
     for shape in shapes:
         print(f"- {shape.name}: {shape.describe()}")
+    if network is not None:
+        import bench_resnet
+
+        print()
+        print(
+            "ResNet-50 with DCNv2 in conv2 of layer2-4 against the plain ResNet-50 "
+            f"(`benchmarks/bench_resnet.py`, {THREADS} threads, 3 interleaved rounds, medians in "
+            "ms; in brackets the ratio to the plain network):"
+        )
+        print()
+        print(bench_resnet.table(network))
     noisy = {name: share for name, share in busy.items() if share > 0.1}
     if noisy:
         print()

@@ -1,536 +1,111 @@
-"""Fast CPU kernel for deformable convolution: Numba sampling on all cores, oneDNN/BLAS contraction.
+"""Fast CPU kernel for deformable convolution: Numba on all cores, in one of two paths.
 
-The input is copied once into a zero-padded channels-last array, so each bilinear corner of a tap
-is a contiguous run of channels and the four corners of any position inside ``(-1, H) x (-1, W)``
-are valid indices (the zero border stands in for torchvision's "outside reads zero"). Coordinates
-and bilinear weights are computed once per (image, offset group, tap, pixel) and reused for every
-channel of the group in a loop LLVM vectorises.
+:func:`forward` and :func:`backward` are what the dispatcher calls. Both expect validated
+arguments (see :func:`deformconv.ops.deform_conv.deform_conv2d`), float32 or float64, batch >= 1,
+any memory layout; ``stride``, ``padding`` and ``dilation`` are ``(int, int)`` pairs. Each call
+takes one of two paths, by the rule of :func:`fused_path`:
 
-Work proceeds in tiles of output pixels small enough for the sampled columns to stay in cache
-between the sampling pass that writes them and the matrix multiply that reads them; the tile is
-also bounded by :func:`deformconv.ops._workspace.get_workspace_budget`, so memory does not grow
-with the batch. The backward pass of a tile is: column gradients by one matrix multiply, then a
-fused pass that resamples the columns and computes the offset and mask gradients (each pixel's
-work is independent), then a scatter of the column gradients into the input gradient in which
-every parallel task owns a slice of channels, then the weight gradient by matrix multiply. No two
-tasks write the same element and every sum runs in a fixed order, so gradients are bit-identical
-from run to run. Buffers that do not leave the call are reused from call to call, because a fresh
-buffer of a few MiB costs a page fault per 4 KiB.
+- the **fused** path (:mod:`deformconv.ops._cpu_fused`) samples each tile of output pixels into a
+  small buffer of the thread and contracts it with the weight at once, in Numba; the columns
+  never travel through memory;
+- the **unfused** path (:mod:`deformconv.ops._cpu_sampling`) samples tiles of a few MiB of
+  columns in Numba and contracts them with oneDNN's (float32) or the BLAS matrix multiply.
 
-Both functions expect validated arguments (see :func:`deformconv.ops.deform_conv.deform_conv2d`),
-float32 or float64, batch >= 1, any memory layout; ``stride``, ``padding`` and ``dilation`` are
-``(int, int)`` pairs.
+Both share the prologue of :mod:`deformconv.ops._cpu_layout` (the zero-padded channels-last
+input), compute the same quantities in a different order, and agree to rounding. Both backward
+passes are free of atomics and bit-identical from run to run for a given number of threads.
+Scratch buffers are reused from call to call (:mod:`deformconv.ops._buffers`).
 """
 
 from __future__ import annotations
 
-import functools
-import threading
-from dataclasses import dataclass
-
-import numba
 import numpy as np
 import torch
-from numba import njit, prange
+import torch.nn.functional as F
 from torch import Tensor
 
+from deformconv.ops._buffers import cpu_buffers
+from deformconv.ops._cpu_fused import fused_backward, fused_forward
+from deformconv.ops._cpu_layout import (
+    Layout,
+    Prologue,
+    channels_last_rows,
+    chunk_columns,
+    scratch,
+    unpadded,
+)
+from deformconv.ops._cpu_sampling import resample_backward, sample_columns, scatter_input_grad
+from deformconv.ops._numba import parallel_launch
 from deformconv.ops._workspace import get_workspace_budget
 
 Pair = tuple[int, int]
 
-# Reassociation lets LLVM vectorise the channel reductions of the offset gradient; "nnan"/"ninf"
-# stay off because non-finite sampling positions are detected by comparisons.
-_FASTMATH = {"contract", "reassoc"}
-# Columns of one tile should stay in the L2/L3 caches between sampling and the matrix multiply.
-_TILE_BYTES = 4 * 2**20
-# Pixels per parallel task of the per-pixel passes; the most and fewest channels per scatter task.
-# Fewer than 64 channels per task made the scatter slower, not faster: on shape a (64 channels,
-# 2 threads), two tasks of 32 channels, each writing half of every pixel's channel vector, took
-# the backward pass 40-42 ms against 37-39 ms for one task per image.
-_PIXEL_BLOCK = 64
-_CHANNEL_BLOCK = 256
-_MIN_CHANNEL_BLOCK = 64
+# The rule between the two paths (see fused_path and docs/performance.md, where it was
+# measured): the fused contractions stream the weight of a weight group from cache for every
+# block of 4 pixels, so the fused forward wins while that weight stays in the core's L2 cache
+# beside a tile (1 MiB per core on the project's machine); the fused backward, whose unfused
+# rival makes three passes over the columns, wins up to a somewhat larger weight (ResNet-50's
+# 128-channel stage) and loses from the 256-channel stage on, where oneDNN's matrix multiplies
+# outrun the fused multiply-add blocks.
+FUSED_WEIGHT_BYTES = 512 * 2**10
+FUSED_BACKWARD_WEIGHT_BYTES = 1 * 2**20
+# Columns of one fused tile (per thread): they stay in L2 between sampling and contraction. A
+# tile has at least 32 pixels, so the loops over a tile's pixels fill whole vectors.
+FUSED_TILE_BYTES = 320 * 2**10
+FUSED_TILE_PIXELS = (32, 256)
+# Columns of one unfused tile: they should stay in the L2/L3 caches between the sampling pass
+# that writes them and the matrix multiply that reads them.
+TILE_BYTES = 4 * 2**20
+# The most and fewest channels per task of the unfused input-gradient scatter. Fewer than 64
+# channels per task made it slower, not faster: on shape a (64 channels, 2 threads), two tasks
+# of 32 channels, each writing half of every pixel's channel vector, took the backward pass
+# 40-42 ms against 37-39 ms for one task per image.
+CHANNEL_BLOCK = 256
+MIN_CHANNEL_BLOCK = 64
+# Slots (each with its own weight-gradient sum) per thread in the fused backward pass: more
+# than one lets a thread that finishes early take another slot.
+SLOTS_PER_THREAD = 4
 
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
+def _private_onednn_linear():
+    """oneDNN's fused linear, ``torch.ops.mkldnn._linear_pointwise``, or None.
 
-@njit(inline="always")
-def _position(h, w, height, width, padded_w, one):
-    """Bilinear footing of the sampling position (h, w) (scalars only, so inlining keeps the
-    kernels' arguments provably unaliased).
-
-    Returns ``(corner, inside, lh, lw)``: the flat padded pixel of the top-left corner, or -1
-    when the position lies outside ``[-1, H) x [-1, W)`` (NaN and infinity included); whether it
-    lies in ``(-1, H) x (-1, W)``, the only positions that read the input (on the edge
-    ``h == -1`` or ``w == -1`` a tap reads zero yet has an offset gradient, as in torchvision);
-    and the fractional row and column.
+    It is a private operator (no stability promise): on the project's AMD machine it runs the
+    float32 column contraction about 3x faster than the public ``F.linear`` (MKL). Its absence,
+    or a failure at a call, falls back to ``F.linear`` for the rest of the process.
     """
-    if (h >= -1) & (h < height) & (w >= -1) & (w < width):
-        hl = np.floor(h)
-        wl = np.floor(w)
-        corner = (np.int64(hl) + 1) * padded_w + np.int64(wl) + 1
-        return corner, (h > -1) & (w > -1), h - hl, w - wl
-    return -1, False, one - one, one - one
+    if not torch.backends.mkldnn.is_available():
+        return None
+    return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 
 
-@njit(inline="always")
-def _bilinear(m, lh, lw, one):
-    """``(hh, hw, w00, w01, w10, w11)``: the complements ``1 - lh`` and ``1 - lw`` and the
-    modulated bilinear weights of the top-left, top-right, bottom-left and bottom-right corners."""
-    hh = one - lh
-    hw = one - lw
-    return hh, hw, m * hh * hw, m * hh * lw, m * lh * hw, m * lh * lw
+_onednn_linear = _private_onednn_linear()
 
 
-@njit(inline="always")
-def _corner_starts(corner, c0, n_ch, row_step):
-    """Flat offsets of channel ``c0`` at the four corners whose top-left is padded pixel
-    ``corner``, in the order of :func:`_bilinear`."""
-    s00 = np.uint64(corner) * n_ch + c0
-    return s00, s00 + n_ch, s00 + row_step, s00 + row_step + n_ch
+def _linear(cols: Tensor, weight_rows: Tensor, bias: Tensor | None) -> Tensor:
+    """``cols (N, J) @ weight_rows (O, J).T + bias``."""
+    global _onednn_linear
+    if _onednn_linear is not None and cols.dtype == torch.float32:
+        try:
+            return _onednn_linear(cols, weight_rows, bias, "none", [], "")
+        except (RuntimeError, TypeError, NotImplementedError):
+            _onednn_linear = None
+    return F.linear(cols, weight_rows, bias)
 
 
-# The parallel kernels index their array arguments directly and keep clear of local arrays:
-# Numba then proves that the arguments do not alias and marks them ``noalias``, which LLVM needs
-# to vectorise the channel loops without runtime checks. Rows are output pixels flattened over
-# (image, pixel), ``n0`` the first row of the tile; geo is :meth:`_Layout.geometry`.
-
-
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _sample_columns(xpf, offset, mask, base_y, base_x, runs, geo, one, n0, cols):
-    """Bilinearly sampled, modulated columns of rows ``n0 .. n0 + N``.
-
-    xpf: (B, (H + 2) * (W + 2) * C) zero-padded channels-last input; offset: (B, 2 * G * K, P);
-    mask: (B, G * K, P), or (1, 1, P) ones; base_y: (kh, P) and base_x: (kw, P), positions before
-    offsets; runs: see :meth:`_Layout.runs`; cols: (N, K * C), column ``runs[q, 2] + k * geo[4]
-    + c`` holding channel ``runs[q, 0] + c`` of tap ``k``.
-    """
-    height, width, kh, kw, tap_stride, pixels = geo[0], geo[1], geo[2], geo[3], geo[4], geo[6]
-    padded_w = width + 2
-    n_ch = np.uint64(geo[5])
-    row_step = np.uint64(padded_w * geo[5])
-    per_mask_image = mask.shape[0] > 1
-    per_mask_tap = mask.shape[1] > 1
-    n_rows = cols.shape[0]
-    n_blocks = (n_rows + _PIXEL_BLOCK - 1) // _PIXEL_BLOCK
-    for blk in prange(n_blocks):
-        for row in range(blk * _PIXEL_BLOCK, min((blk + 1) * _PIXEL_BLOCK, n_rows)):
-            b = (n0 + row) // pixels
-            p = n0 + row - b * pixels
-            mb = b if per_mask_image else 0
-            for q in range(runs.shape[0]):
-                c0 = np.uint64(runs[q, 0])
-                length = np.uint64(runs[q, 1])
-                tap = runs[q, 3] * kh * kw
-                for i in range(kh):
-                    for j in range(kw):
-                        h = base_y[i, p] + offset[b, 2 * tap, p]
-                        w = base_x[j, p] + offset[b, 2 * tap + 1, p]
-                        corner, ok, lh, lw = _position(h, w, height, width, padded_w, one)
-                        dst = np.uint64(runs[q, 2] + (i * kw + j) * tap_stride)
-                        if ok:
-                            m = mask[mb, tap if per_mask_tap else 0, p]
-                            _, _, w00, w01, w10, w11 = _bilinear(m, lh, lw, one)
-                            s00, s01, s10, s11 = _corner_starts(corner, c0, n_ch, row_step)
-                            for c in range(length):
-                                cols[row, dst + c] = (
-                                    w00 * xpf[b, s00 + c]
-                                    + w01 * xpf[b, s01 + c]
-                                    + w10 * xpf[b, s10 + c]
-                                    + w11 * xpf[b, s11 + c]
-                                )
-                        else:
-                            for c in range(length):
-                                cols[row, dst + c] = 0
-                        tap += 1
-
-
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _sample_backward(
-    xpf, offset, mask, base_y, base_x, runs, geo, one, n0, cols, gcols, modulated,
-    grad_offset, grad_mask, corners, weights,
-):  # fmt: skip
-    """Resample the columns of a tile, add its offset and mask gradients and plan the scatter.
-
-    Arguments as in :func:`_sample_columns`, plus gcols (N, K * C), the gradient of the columns.
-    Writes cols; adds to grad_offset (B, 2 * G * K, P) and, when ``modulated``, grad_mask
-    (B, G * K, P), each run of channels its share (the gradients are linear in the per-run sums,
-    and the runs add up in a fixed order); writes for :func:`_scatter_input_grad` corners
-    (N, G * K), the top-left corner of each tap that reads the input or -1, and weights
-    (N, G * K, 4), its modulated bilinear weights.
-    """
-    height, width, kh, kw, tap_stride, pixels = geo[0], geo[1], geo[2], geo[3], geo[4], geo[6]
-    padded_w = width + 2
-    n_ch = np.uint64(geo[5])
-    row_step = np.uint64(padded_w * geo[5])
-    per_mask_image = mask.shape[0] > 1
-    per_mask_tap = mask.shape[1] > 1
-    n_rows = cols.shape[0]
-    n_blocks = (n_rows + _PIXEL_BLOCK - 1) // _PIXEL_BLOCK
-    for blk in prange(n_blocks):
-        for row in range(blk * _PIXEL_BLOCK, min((blk + 1) * _PIXEL_BLOCK, n_rows)):
-            b = (n0 + row) // pixels
-            p = n0 + row - b * pixels
-            mb = b if per_mask_image else 0
-            for q in range(runs.shape[0]):
-                c0 = np.uint64(runs[q, 0])
-                length = np.uint64(runs[q, 1])
-                tap = runs[q, 3] * kh * kw
-                for i in range(kh):
-                    for j in range(kw):
-                        h = base_y[i, p] + offset[b, 2 * tap, p]
-                        w = base_x[j, p] + offset[b, 2 * tap + 1, p]
-                        corner, ok, lh, lw = _position(h, w, height, width, padded_w, one)
-                        dst = np.uint64(runs[q, 2] + (i * kw + j) * tap_stride)
-                        m = mask[mb, tap if per_mask_tap else 0, p]
-                        hh, hw, w00, w01, w10, w11 = _bilinear(m, lh, lw, one)
-                        corners[row, tap] = corner if ok else -1
-                        weights[row, tap, 0] = w00
-                        weights[row, tap, 1] = w01
-                        weights[row, tap, 2] = w10
-                        weights[row, tap, 3] = w11
-                        if corner < 0:
-                            for c in range(length):
-                                cols[row, dst + c] = 0
-                            tap += 1
-                            continue
-                        d00 = one - one
-                        d01 = one - one
-                        d10 = one - one
-                        d11 = one - one
-                        s00, s01, s10, s11 = _corner_starts(corner, c0, n_ch, row_step)
-                        if ok:
-                            for c in range(length):
-                                v00 = xpf[b, s00 + c]
-                                v01 = xpf[b, s01 + c]
-                                v10 = xpf[b, s10 + c]
-                                v11 = xpf[b, s11 + c]
-                                gc = gcols[row, dst + c]
-                                d00 += gc * v00
-                                d01 += gc * v01
-                                d10 += gc * v10
-                                d11 += gc * v11
-                                cols[row, dst + c] = w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11
-                        else:
-                            for c in range(length):
-                                gc = gcols[row, dst + c]
-                                d00 += gc * xpf[b, s00 + c]
-                                d01 += gc * xpf[b, s01 + c]
-                                d10 += gc * xpf[b, s10 + c]
-                                d11 += gc * xpf[b, s11 + c]
-                                cols[row, dst + c] = 0
-                        grad_offset[b, 2 * tap, p] += m * (lw * (d11 - d01) + hw * (d10 - d00))
-                        grad_offset[b, 2 * tap + 1, p] += m * (lh * (d11 - d10) + hh * (d01 - d00))
-                        if modulated and ok:
-                            grad_mask[b, tap, p] += (
-                                hh * hw * d00 + hh * lw * d01 + lh * hw * d10 + lh * lw * d11
-                            )
-                        tap += 1
-
-
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _scatter_input_grad(gcols, corners, weights, chunks, geo, n0, grad_xpf):
-    """Add the column gradients of a tile into the padded channels-last input gradient.
-
-    corners and weights come from :func:`_sample_backward`; grad_xpf: (B, (H + 2) * (W + 2) * C). Each task is one (image, channel chunk) and owns those
-    channels of that image, so tasks never write the same element and each element's sum runs
-    in a fixed order. chunks: (T, 4) rows of (first channel, length, column of tap 0, offset
-    group).
-    """
-    taps, tap_stride, pixels = geo[2] * geo[3], geo[4], geo[6]
-    n_ch = np.uint64(geo[5])
-    row_step = np.uint64((geo[1] + 2) * geo[5])
-    n_rows = gcols.shape[0]
-    b_first = n0 // pixels
-    n_images = (n0 + n_rows - 1) // pixels - b_first + 1
-    n_chunks = chunks.shape[0]
-    for task in prange(n_images * n_chunks):
-        b = b_first + task // n_chunks
-        q = task % n_chunks
-        c0 = np.uint64(chunks[q, 0])
-        length = np.uint64(chunks[q, 1])
-        g = chunks[q, 3]
-        for row in range(max(b * pixels - n0, 0), min((b + 1) * pixels - n0, n_rows)):
-            for k in range(taps):
-                tap = g * taps + k
-                corner = corners[row, tap]
-                if corner < 0:
-                    continue
-                w00 = weights[row, tap, 0]
-                w01 = weights[row, tap, 1]
-                w10 = weights[row, tap, 2]
-                w11 = weights[row, tap, 3]
-                dst = np.uint64(chunks[q, 2] + k * tap_stride)
-                s00, s01, s10, s11 = _corner_starts(corner, c0, n_ch, row_step)
-                for c in range(length):
-                    grad_xpf[b, s00 + c] += w00 * gcols[row, dst + c]
-                for c in range(length):
-                    grad_xpf[b, s01 + c] += w01 * gcols[row, dst + c]
-                for c in range(length):
-                    grad_xpf[b, s10 + c] += w10 * gcols[row, dst + c]
-                for c in range(length):
-                    grad_xpf[b, s11 + c] += w11 * gcols[row, dst + c]
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Shapes of one call and the channel runs that map input channels to column positions.
-
-    Columns of a pixel are ordered (weight group, tap, channel within the group), so each weight
-    group's block is a contiguous (K * C / groups) row segment and each run of channels that
-    shares an offset group and a weight group is contiguous in both the input and the columns.
-    """
-
-    batch: int
-    channels: int
-    height: int
-    width: int
-    out_h: int
-    out_w: int
-    kh: int
-    kw: int
-    groups: int
-    offset_groups: int
-
-    @property
-    def taps(self) -> int:
-        return self.kh * self.kw
-
-    @property
-    def pixels(self) -> int:
-        return self.out_h * self.out_w
-
-    @property
-    def row_size(self) -> int:
-        return self.channels * self.taps
-
-    def runs(self, max_length: int | None = None) -> np.ndarray:
-        """(R, 4) int64 rows (first channel, length, column of tap 0, offset group), by group."""
-        per_og = self.channels // self.offset_groups
-        cg = self.channels // self.groups
-        rows = []
-        for g in range(self.offset_groups):
-            c = g * per_og
-            while c < (g + 1) * per_og:
-                grp = c // cg
-                stop = min((g + 1) * per_og, (grp + 1) * cg)
-                if max_length is not None:
-                    stop = min(stop, c + max_length)
-                rows.append((c, stop - c, grp * self.taps * cg + c - grp * cg, g))
-                c = stop
-        return np.array(rows, dtype=np.int64)
-
-    def geometry(self) -> np.ndarray:
-        """(H, W, kh, kw, C / groups, C, Ho * Wo) as the kernels read them."""
-        return np.array(
-            [
-                self.height,
-                self.width,
-                self.kh,
-                self.kw,
-                self.channels // self.groups,
-                self.channels,
-                self.pixels,
-            ],
-            dtype=np.int64,
-        )
-
-    def tiles(self, itemsize: int, tile_bytes: int) -> list[tuple[int, int]]:
-        """Row ranges ``[n0, n1)`` over the flattened (image, pixel) index, each with at most
-        ``tile_bytes`` of columns (but at least one row).
-
-        A tile is either whole images or part of one image, so its output maps onto a plain
-        slice of the NCHW result.
-        """
-        row_bytes = self.row_size * itemsize
-        rows = max(1, tile_bytes // row_bytes)
-        total = self.batch * self.pixels
-        if rows >= self.pixels:
-            step = (rows // self.pixels) * self.pixels
-            return [(n, min(n + step, total)) for n in range(0, total, step)]
-        n_parts = -(-self.pixels // rows)
-        step = -(-self.pixels // n_parts)
-        return [
-            (b * self.pixels + p, b * self.pixels + min(p + step, self.pixels))
-            for b in range(self.batch)
-            for p in range(0, self.pixels, step)
-        ]
-
-
-class _Call:
-    """Everything the kernels read that does not depend on the tile."""
-
-    def __init__(
-        self,
-        input: Tensor,
-        offset: Tensor,
-        mask: Tensor | None,
-        weight: Tensor,
-        stride: Pair,
-        padding: Pair,
-        dilation: Pair,
-    ) -> None:
-        batch, channels, height, width = input.shape
-        out_channels, cpg, kh, kw = weight.shape
-        self.lay = lay = _Layout(
-            batch=batch,
-            channels=channels,
-            height=height,
-            width=width,
-            out_h=offset.shape[2],
-            out_w=offset.shape[3],
-            kh=kh,
-            kw=kw,
-            groups=channels // cpg,
-            offset_groups=offset.shape[1] // (2 * kh * kw),
-        )
-        self.dtype = input.dtype
-        self.xp = _padded_channels_last(input.detach(), "input")
-        self.xpf = self.xp.view(batch, -1).numpy()
-        self.offset = _rows(offset, batch, -1, lay.pixels)
-        self.modulated = mask is not None
-        self.mask = (
-            _rows(mask, batch, -1, lay.pixels)
-            if mask is not None
-            else np.ones((1, 1, lay.pixels), dtype=self.xpf.dtype)
-        )
-        self.base_y, self.base_x, self.runs, self.geo = _static(
-            lay, stride, padding, dilation, self.xpf.dtype
-        )
-        self.one = np.ones(1, dtype=self.xpf.dtype)[0]
-        # Weight rows in column order: (O, kh, kw, C / groups) flattened per output channel.
-        self.w_rows = weight.detach().permute(0, 2, 3, 1).reshape(out_channels, -1)
-        self.tiles = _tiles(lay, input.element_size(), min(_TILE_BYTES, get_workspace_budget()))
-        self.tile_rows = self.tiles[0][1] - self.tiles[0][0]
-        # The leading arguments of the column kernels.
-        self.args = (
-            self.xpf,
-            self.offset,
-            self.mask,
-            self.base_y,
-            self.base_x,
-            self.runs,
-            self.geo,
-            self.one,
-        )
-
-
-@functools.lru_cache(maxsize=64)
-def _static(lay: _Layout, stride: Pair, padding: Pair, dilation: Pair, dtype: np.dtype) -> tuple:
-    """What a call's kernels read that depends only on its shapes: (base_y, base_x, runs, geo).
-
-    base_y: (kh, Ho * Wo) and base_x: (kw, Ho * Wo), the sampling positions before offsets.
-    Cached (read-only) because a network calls each layer with the same shapes again and again.
-    """
-    oy, ox = np.divmod(np.arange(lay.pixels), lay.out_w)
-    base_y = np.arange(lay.kh)[:, None] * dilation[0] + oy * stride[0] - padding[0]
-    base_x = np.arange(lay.kw)[:, None] * dilation[1] + ox * stride[1] - padding[1]
-    runs = lay.runs()
-    geo = lay.geometry()
-    for array in (base_y, base_x, runs, geo):
-        array.flags.writeable = False
-    return base_y.astype(dtype), base_x.astype(dtype), runs, geo
-
-
-@functools.lru_cache(maxsize=64)
-def _tiles(lay: _Layout, itemsize: int, tile_bytes: int) -> list[tuple[int, int]]:
-    return lay.tiles(itemsize, tile_bytes)
-
-
-def _padded_channels_last(x: Tensor, name: str) -> Tensor:
-    """``(B, C, H, W) -> (B, H + 2, W + 2, C)`` with a zero border, in workspace ``name``."""
-    b, c, h, w = x.shape
-    xp = _workspace.get(name, b * (h + 2) * (w + 2) * c, x.dtype).view(b, h + 2, w + 2, c)
-    xp[:, 0].zero_()
-    xp[:, -1].zero_()
-    xp[:, 1:-1, 0].zero_()
-    xp[:, 1:-1, -1].zero_()
-    xp[:, 1:-1, 1:-1].copy_(x.permute(0, 2, 3, 1))
-    return xp
-
-
-def _rows(t: Tensor, *shape: int) -> np.ndarray:
-    return t.detach().contiguous().view(*shape).numpy()
-
-
-class _Workspace(threading.local):
-    """Buffers reused across calls of one thread, as fresh large buffers cost page faults.
-
-    Buffers stay cached while their total is within the workspace budget; a request beyond it
-    gets fresh memory that is released after the call.
-    """
-
-    def __init__(self) -> None:
-        self.buffers: dict[tuple[str, torch.dtype], Tensor] = {}
-
-    def get(self, name: str, numel: int, dtype: torch.dtype) -> Tensor:
-        key = (name, dtype)
-        buf = self.buffers.pop(key, None)
-        if buf is None or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=dtype)
-        cached = sum(b.numel() * b.element_size() for b in self.buffers.values())
-        if cached + buf.numel() * buf.element_size() <= get_workspace_budget():
-            self.buffers[key] = buf
-        return buf[:numel]
-
-
-_workspace = _Workspace()
-
-
-def _scatter_chunk(lay: _Layout, tile_rows: int) -> int:
-    """Channels per scatter task: between ``_MIN_CHANNEL_BLOCK`` and ``_CHANNEL_BLOCK``, and
-    otherwise few enough that a tile has a task for every thread (the scatter parallelises over
-    images and runs of channels)."""
-    images = max(1, tile_rows // lay.pixels)
-    runs = lay.runs()
-    splits = -(-numba.get_num_threads() // (images * len(runs)))
-    longest = int(runs[:, 1].max())
-    return max(_MIN_CHANNEL_BLOCK, min(_CHANNEL_BLOCK, -(-longest // splits)))
-
-
-def _set_threads() -> None:
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-
-
-def _contract(cols: Tensor, w_rows: Tensor, bias: Tensor | None, groups: int) -> Tensor:
-    """``(N, K*C) x (O, K*C/groups) -> (N, O)`` per weight group, plus bias."""
-    n = cols.shape[0]
-    out_channels = w_rows.shape[0]
-    if groups == 1:
-        if _ONEDNN and cols.dtype == torch.float32:
-            return torch.ops.mkldnn._linear_pointwise(cols, w_rows, bias, "none", [], "")
-        if bias is None:
-            return torch.mm(cols, w_rows.t())
-        return torch.addmm(bias, cols, w_rows.t())
-    og = out_channels // groups
-    c = cols.view(n, groups, -1).transpose(0, 1)
-    w = w_rows.view(groups, og, -1).transpose(1, 2)
-    out = torch.bmm(c, w).transpose(0, 1).reshape(n, out_channels)
-    if bias is not None:
-        out += bias
-    return out
-
-
-def _cols_grad(grad_rows: Tensor, w_rows: Tensor, groups: int, out: Tensor) -> None:
-    """``out (N, K*C) = grad_rows (N, O) @ w_rows (O, K*C/groups)`` per weight group."""
-    if groups == 1:
-        torch.mm(grad_rows, w_rows, out=out)
-        return
-    n = grad_rows.shape[0]
-    g = grad_rows.view(n, groups, -1).transpose(0, 1)
-    w = w_rows.view(groups, -1, w_rows.shape[1])
-    out.view(n, groups, -1).copy_(torch.bmm(g, w).transpose(0, 1))
-
-
-def _weight_grad_add(grad_w: Tensor, grad_rows: Tensor, cols: Tensor, groups: int) -> None:
-    """``grad_w (O, K*C/groups) += grad_rows^T (O, N) @ cols (N, K*C)`` per weight group."""
-    if groups == 1:
-        grad_w.addmm_(grad_rows.t(), cols)
-        return
-    n = grad_rows.shape[0]
-    g = grad_rows.view(n, groups, -1).permute(1, 2, 0)
-    c = cols.view(n, groups, -1).transpose(0, 1)
-    grad_w.view(groups, -1, grad_w.shape[1]).baddbmm_(g, c)
+def fused_path(
+    layout: Layout, out_channels: int, itemsize: int, backward: bool = False, threads: int = 1
+) -> bool:
+    """Whether a call of this layout takes the fused path: when the weight of one weight group
+    fits :data:`FUSED_WEIGHT_BYTES` (forward) or :data:`FUSED_BACKWARD_WEIGHT_BYTES`
+    (backward). The fused backward also keeps a weight-gradient sum per thread (at least), so
+    it is taken only while ``threads`` of those fit a quarter of the workspace budget."""
+    group_out = out_channels // layout.groups
+    weight_bytes = group_out * layout.taps * layout.group_channels * itemsize
+    if not backward:
+        return weight_bytes <= FUSED_WEIGHT_BYTES
+    sums = threads * weight_bytes * layout.groups
+    return weight_bytes <= FUSED_BACKWARD_WEIGHT_BYTES and sums <= get_workspace_budget() // 4
 
 
 def forward(
@@ -543,26 +118,9 @@ def forward(
     padding: Pair,
     dilation: Pair,
 ) -> Tensor:
-    """Deformable convolution, output ``(B, O, Ho, Wo)``."""
-    _set_threads()
-    call = _Call(input, offset, mask, weight, stride, padding, dilation)
-    lay = call.lay
-    w_rows = call.w_rows.contiguous()
-    b = None if bias is None else bias.detach().contiguous()
-    out_channels = weight.shape[0]
-    out = input.new_empty((lay.batch, out_channels, lay.pixels))
-    ws = _workspace.get("cols", call.tile_rows * lay.row_size, call.dtype)
-    for n0, n1 in call.tiles:
-        cols = ws[: (n1 - n0) * lay.row_size].view(n1 - n0, lay.row_size)
-        _sample_columns(*call.args, n0, cols.numpy())
-        res = _contract(cols, w_rows, b, lay.groups)
-        b0, p0 = divmod(n0, lay.pixels)
-        if n1 - n0 >= lay.pixels:
-            nb = (n1 - n0) // lay.pixels
-            out[b0 : b0 + nb].copy_(res.view(nb, lay.pixels, out_channels).transpose(1, 2))
-        else:
-            out[b0, :, p0 : p0 + n1 - n0].copy_(res.t())
-    return out.view(lay.batch, out_channels, lay.out_h, lay.out_w)
+    """Deformable convolution, output ``(B, O, Ho, Wo)``, by the path :func:`fused_path`
+    picks."""
+    return forward_path(None, input, offset, mask, weight, bias, stride, padding, dilation)
 
 
 def backward(
@@ -576,52 +134,43 @@ def backward(
     padding: Pair,
     dilation: Pair,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
-    """Gradients with respect to input, offset, mask (``None`` without one), weight and bias."""
-    _set_threads()
-    call = _Call(input, offset, mask, weight, stride, padding, dilation)
-    lay = call.lay
-    out_channels = weight.shape[0]
-    w_rows = call.w_rows.contiguous()
-    grad_rows = _workspace.get("grad_out", grad_out.numel(), call.dtype).view(
-        lay.batch, lay.out_h, lay.out_w, out_channels
+    """Gradients with respect to input, offset, mask (``None`` without one), weight and bias,
+    by the path :func:`fused_path` picks (``backward=True``)."""
+    return backward_path(
+        None, grad_out, input, offset, mask, weight, bias, stride, padding, dilation
     )
-    grad_rows.copy_(grad_out.detach().permute(0, 2, 3, 1))
-    grad_rows = grad_rows.view(-1, out_channels)
-    chunks = lay.runs(_scatter_chunk(lay, call.tile_rows))
 
-    grad_xp = _workspace.get("grad_input", call.xp.numel(), call.dtype).view(call.xp.shape)
-    grad_xp.zero_()
-    grad_xpf = grad_xp.view(lay.batch, -1).numpy()
-    grad_offset = offset.new_zeros((lay.batch, offset.shape[1], lay.pixels))
-    grad_mask = mask.new_zeros((lay.batch, mask.shape[1], lay.pixels)) if mask is not None else None
-    gmask_np = grad_mask.numpy() if grad_mask is not None else np.zeros((1, 1, 1), call.xpf.dtype)
-    grad_w = weight.new_zeros((out_channels, call.w_rows.shape[1]))
-    rows, gtaps = call.tile_rows, offset.shape[1] // 2
-    ws = _workspace.get("cols", rows * lay.row_size, call.dtype)
-    ws_grad = _workspace.get("grad_cols", rows * lay.row_size, call.dtype)
-    ws_corners = _workspace.get("corners", rows * gtaps, torch.int64)
-    ws_weights = _workspace.get("weights", rows * gtaps * 4, call.dtype)
-    for n0, n1 in call.tiles:
-        n = n1 - n0
-        cols = ws[: n * lay.row_size].view(n, lay.row_size)
-        gcols = ws_grad[: n * lay.row_size].view(n, lay.row_size)
-        corners = ws_corners[: n * gtaps].view(n, gtaps).numpy()
-        weights = ws_weights[: n * gtaps * 4].view(n, gtaps, 4).numpy()
-        g_rows = grad_rows[n0:n1]
-        _cols_grad(g_rows, w_rows, lay.groups, gcols)
-        _sample_backward(
-            *call.args, n0, cols.numpy(), gcols.numpy(), call.modulated, grad_offset.numpy(),
-            gmask_np, corners, weights,
-        )  # fmt: skip
-        _scatter_input_grad(gcols.numpy(), corners, weights, chunks, call.geo, n0, grad_xpf)
-        # The weight gradient of this tile and the column gradient of the next are neighbours,
-        # so the loop alternates between Numba kernels and matrix multiplies twice per tile.
-        _weight_grad_add(grad_w, g_rows, cols, lay.groups)
 
-    # A fresh tensor: grad_xp is a workspace the next call overwrites.
-    grad_input = torch.empty_like(input, memory_format=torch.contiguous_format)
-    grad_input.copy_(grad_xp[:, 1:-1, 1:-1].permute(0, 3, 1, 2))
-    grad_weight = grad_w.view(out_channels, lay.kh, lay.kw, -1).permute(0, 3, 1, 2).contiguous()
+def forward_path(fused: bool | None, *args: Tensor | Pair | None) -> Tensor:
+    """:func:`forward` on the fused (True) or unfused (False) path, or on the one the rule
+    picks (None); tests compare the two paths on the same inputs."""
+    input, offset, mask, weight, bias, stride, padding, dilation = args
+    with parallel_launch() as threads:
+        pro = Prologue(input, offset, mask, weight, stride, padding, dilation)
+        if fused is None:
+            fused = fused_path(pro.layout, weight.shape[0], input.element_size())
+        return _forward_fused(pro, bias, threads) if fused else _forward_unfused(pro, bias)
+
+
+def backward_path(fused: bool | None, *args: Tensor | Pair | None) -> tuple:
+    """:func:`backward` on the path given, as :func:`forward_path`."""
+    grad_out, input, offset, mask, weight, bias, stride, padding, dilation = args
+    with parallel_launch() as threads:
+        pro = Prologue(input, offset, mask, weight, stride, padding, dilation)
+        if fused is None:
+            layout, item = pro.layout, input.element_size()
+            fused = fused_path(layout, weight.shape[0], item, backward=True, threads=threads)
+        if fused:
+            grads = _backward_fused(pro, grad_out, threads)
+        else:
+            grads = _backward_unfused(pro, grad_out, threads)
+    grad_input, grad_offset, grad_mask, grad_weight_rows = grads
+    layout = pro.layout
+    grad_weight = (
+        grad_weight_rows.view(weight.shape[0], layout.kernel_h, layout.kernel_w, -1)
+        .permute(0, 3, 1, 2)
+        .contiguous()
+    )
     grad_bias = None if bias is None else grad_out.sum(dim=(0, 2, 3))
     return (
         grad_input,
@@ -630,3 +179,251 @@ def backward(
         grad_weight,
         grad_bias,
     )
+
+
+def _bias_rows(bias: Tensor | None, out_channels: int, dtype: np.dtype) -> np.ndarray:
+    if bias is None:
+        return np.zeros(out_channels, dtype=dtype)
+    return bias.detach().contiguous().numpy()
+
+
+def _fused_tile(layout_row_bytes: int) -> int:
+    low, high = FUSED_TILE_PIXELS
+    return max(low, min(high, FUSED_TILE_BYTES // layout_row_bytes) // low * low)
+
+
+def _forward_fused(pro: Prologue, bias: Tensor | None, threads: int) -> Tensor:
+    layout, dtype = pro.layout, pro.dtype
+    out_channels = pro.weight_rows.shape[0]
+    item = pro.padded.element_size()
+    tile = _fused_tile(layout.row_size * item)
+    taps = pro.offset.shape[1] // 2
+    out = torch.empty((layout.batch, out_channels, layout.pixels), dtype=dtype)
+    name = "deform_conv2d.fused."
+    corner = scratch(name + "corner", (threads, taps, tile), torch.int64)
+    w00, w01, w10, w11 = (scratch(name + f"w{i}", (threads, taps, tile), dtype) for i in range(4))
+    cols = scratch(name + "cols", (threads, tile, layout.row_size), dtype)
+    runs = pro.runs
+    fused_forward(
+        pro.padded_rows, pro.offset, pro.mask, pro.base_y, pro.base_x, pro.geometry,
+        pro.padded_rows.dtype.type(1), runs.first, runs.length, runs.column, runs.group,
+        pro.weight_rows.numpy(), _bias_rows(bias, out_channels, pro.padded_rows.dtype),
+        layout.groups, tile, corner.numpy(), w00.numpy(), w01.numpy(), w10.numpy(), w11.numpy(),
+        cols.numpy(), out.numpy(),
+    )  # fmt: skip
+    return out.view(layout.batch, out_channels, layout.out_h, layout.out_w)
+
+
+def _grad_rows(grad_out: Tensor) -> Tensor:
+    """The upstream gradient channels-last, ``(B, Ho * Wo, O)``, in a reused buffer."""
+    return channels_last_rows(grad_out.detach(), "deform_conv2d.grad_out")
+
+
+def _grad_input(pro: Prologue) -> Tensor:
+    """The zeroed padded channels-last input gradient, in a reused buffer."""
+    grad_xp = cpu_buffers.get("deform_conv2d.grad_input", pro.padded.numel(), pro.dtype)
+    grad_xp = grad_xp.view(pro.padded.shape)
+    grad_xp.zero_()
+    return grad_xp
+
+
+def _slot_tasks(tasks: int, slots: int) -> np.ndarray:
+    """``(slots + 1,)`` boundaries splitting ``tasks`` into ``slots`` near-equal ranges."""
+    return (np.arange(slots + 1, dtype=np.int64) * tasks) // slots
+
+
+def _backward_fused(pro: Prologue, grad_out: Tensor, threads: int) -> tuple:
+    layout, dtype = pro.layout, pro.dtype
+    out_channels, group_width = pro.weight_rows.shape
+    chunks = layout.chunks(threads)
+    tasks = layout.batch * len(chunks.first)
+    # As many slots as fit a quarter of the budget, but at least one per thread (fused_path).
+    sum_bytes = pro.weight_rows.numel() * pro.padded.element_size()
+    room = max(threads, min(SLOTS_PER_THREAD * threads, get_workspace_budget() // (4 * sum_bytes)))
+    slots = min(tasks, room)
+    index = chunk_columns(layout, chunks)
+    group_out = out_channels // layout.groups
+    per_group = pro.weight_rows.view(layout.groups, group_out, group_width)
+    weight_chunked = torch.stack([per_group[g][:, index[g]] for g in range(layout.groups)])
+    weight_chunked = weight_chunked.view(out_channels, group_width)
+
+    grad_rows = _grad_rows(grad_out)
+    grad_xp = _grad_input(pro)
+    # Part 0 of the offset and mask gradients is the result itself, which the kernel writes in
+    # full; further parts (chunks that share an offset group) start from zero.
+    parts = int(chunks.part.max()) + 1
+    taps = pro.offset.shape[1] // 2
+    grad_offset = torch.empty((1, layout.batch, 2 * taps, layout.pixels), dtype=dtype)
+    more_offset = torch.zeros((parts - 1, layout.batch, 2 * taps, layout.pixels), dtype=dtype)
+    mask_shape = (layout.batch, taps, layout.pixels) if pro.modulated else (1, 1, 1)
+    grad_mask = torch.empty((1, *mask_shape), dtype=dtype)
+    more_mask = torch.zeros((parts - 1, *mask_shape) if pro.modulated else (0,), dtype=dtype)
+    offset_parts = torch.cat([grad_offset, more_offset]) if parts > 1 else grad_offset
+    mask_parts = torch.cat([grad_mask, more_mask]) if parts > 1 and pro.modulated else grad_mask
+    grad_weight_slots = torch.zeros((slots, out_channels, group_width), dtype=dtype)
+
+    tile = _fused_tile(layout.taps * int(chunks.length.max()) * pro.padded.element_size())
+    name = "deform_conv2d.fused_backward."
+    per_pair = (threads, layout.taps * int(chunks.groups.max()), tile)
+    corner = scratch(name + "corner", per_pair, torch.int64)
+    plan = [scratch(name + f"plan{i}", per_pair, dtype).numpy() for i in range(8)]
+    columns = (threads, tile, layout.taps * int(chunks.length.max()))
+    grad_cols = scratch(name + "grad_cols", columns, dtype)
+    cols = scratch(name + "cols", columns, dtype)
+    fused_backward(
+        pro.padded_rows, pro.offset, pro.mask, pro.base_y, pro.base_x, pro.geometry,
+        pro.padded_rows.dtype.type(1), grad_rows.numpy(), weight_chunked.numpy(), chunks.first,
+        chunks.length, chunks.group, chunks.groups, chunks.weight_group, chunks.part,
+        chunks.column, _slot_tasks(tasks, slots), tile, pro.modulated, corner.numpy(), *plan,
+        grad_cols.numpy(), cols.numpy(), grad_xp.view(layout.batch, -1).numpy(),
+        offset_parts.numpy(), mask_parts.numpy(), grad_weight_slots.numpy(),
+    )  # fmt: skip
+    # Parts and slots are added in a fixed order, so the sums are the same in every run.
+    grad_offset = offset_parts[0]
+    for part in offset_parts[1:]:
+        grad_offset += part
+    grad_mask = mask_parts[0] if pro.modulated else None
+    for part in mask_parts[1:] if pro.modulated else ():
+        grad_mask += part
+    chunked = grad_weight_slots[0].clone()
+    for slot in grad_weight_slots[1:]:
+        chunked += slot
+    chunked = chunked.view(layout.groups, group_out, group_width)
+    grad_weight_rows = torch.empty_like(chunked)
+    for g in range(layout.groups):
+        grad_weight_rows[g][:, index[g]] = chunked[g]
+    return unpadded(grad_xp), grad_offset, grad_mask, grad_weight_rows.view(out_channels, -1)
+
+
+def _forward_unfused(pro: Prologue, bias: Tensor | None) -> Tensor:
+    layout = pro.layout
+    out_channels = pro.weight_rows.shape[0]
+    b = None if bias is None else bias.detach().contiguous()
+    tiles = layout.tiles(pro.padded.element_size(), min(TILE_BYTES, get_workspace_budget()))
+    rows = tiles[0][1] - tiles[0][0]
+    out = torch.empty((layout.batch, out_channels, layout.pixels), dtype=pro.dtype)
+    buffer = cpu_buffers.get("deform_conv2d.cols", rows * layout.row_size, pro.dtype)
+    runs = pro.runs
+    for n0, n1 in tiles:
+        cols = buffer[: (n1 - n0) * layout.row_size].view(n1 - n0, layout.row_size)
+        sample_columns(
+            pro.padded_rows, pro.offset, pro.mask, pro.base_y, pro.base_x, pro.geometry,
+            pro.padded_rows.dtype.type(1), runs.first, runs.length, runs.column, runs.group, n0,
+            cols.numpy(),
+        )  # fmt: skip
+        res = _contract(cols, pro.weight_rows, b, layout.groups)
+        b0, p0 = divmod(n0, layout.pixels)
+        if n1 - n0 >= layout.pixels:
+            nb = (n1 - n0) // layout.pixels
+            out[b0 : b0 + nb].copy_(res.view(nb, layout.pixels, out_channels).transpose(1, 2))
+        else:
+            out[b0, :, p0 : p0 + n1 - n0].copy_(res.t())
+    return out.view(layout.batch, out_channels, layout.out_h, layout.out_w)
+
+
+def _scatter_chunk(layout: Layout, tile_rows: int, threads: int) -> int:
+    """Channels per task of the unfused scatter: between :data:`MIN_CHANNEL_BLOCK` and
+    :data:`CHANNEL_BLOCK`, and otherwise few enough that a tile has a task for every thread
+    (the scatter parallelises over images and runs of channels)."""
+    images = max(1, tile_rows // layout.pixels)
+    runs = layout.runs()
+    splits = -(-threads // (images * len(runs.first)))
+    longest = int(runs.length.max())
+    return max(MIN_CHANNEL_BLOCK, min(CHANNEL_BLOCK, -(-longest // splits)))
+
+
+def _backward_unfused(pro: Prologue, grad_out: Tensor, threads: int) -> tuple:
+    layout, dtype = pro.layout, pro.dtype
+    out_channels = pro.weight_rows.shape[0]
+    tiles = layout.tiles(pro.padded.element_size(), min(TILE_BYTES, get_workspace_budget()))
+    rows = tiles[0][1] - tiles[0][0]
+    grad_rows = _grad_rows(grad_out).view(-1, out_channels)
+    chunks = layout.runs(_scatter_chunk(layout, rows, threads))
+    grad_xp = _grad_input(pro)
+    grad_xpf = grad_xp.view(layout.batch, -1).numpy()
+    taps = pro.offset.shape[1] // 2
+    grad_offset = torch.zeros((layout.batch, 2 * taps, layout.pixels), dtype=dtype)
+    grad_mask = (
+        torch.zeros((layout.batch, taps, layout.pixels), dtype=dtype) if pro.modulated else None
+    )
+    grad_mask_np = (
+        grad_mask.numpy() if grad_mask is not None else np.zeros((1, 1, 1), pro.mask.dtype)
+    )
+    grad_w = torch.zeros(pro.weight_rows.shape, dtype=dtype)
+    buffer = cpu_buffers.get("deform_conv2d.cols", rows * layout.row_size, dtype)
+    plan_corner = cpu_buffers.get("deform_conv2d.plan_corner", rows * taps, torch.int64)
+    plan_weights = [
+        cpu_buffers.get(f"deform_conv2d.plan_w{i}", rows * taps, dtype) for i in range(4)
+    ]
+    runs = pro.runs
+    # oneDNN's product ran the column gradient 2.1-2.3x faster than MKL's on this AMD CPU, for
+    # these sizes. (It would run the weight gradient 1.3-1.9x faster too, but only on transposed
+    # copies of the columns and a fresh weight-sized result per tile, which would cost more
+    # memory than the previous kernel used; MKL reads the transposed views as they are.)
+    onednn = layout.groups == 1 and _onednn_linear is not None and dtype == torch.float32
+    weight_t = pro.weight_rows.t().contiguous() if onednn else None
+    grad_buffer = None
+    if weight_t is None:
+        grad_buffer = cpu_buffers.get("deform_conv2d.grad_cols", rows * layout.row_size, dtype)
+    for n0, n1 in tiles:
+        n = n1 - n0
+        cols = buffer[: n * layout.row_size].view(n, layout.row_size)
+        corner = plan_corner[: n * taps].view(n, taps).numpy()
+        weights = [w[: n * taps].view(n, taps).numpy() for w in plan_weights]
+        g_rows = grad_rows[n0:n1]
+        if weight_t is not None:
+            grad_cols = _linear(g_rows, weight_t, None)
+        else:
+            grad_cols = grad_buffer[: n * layout.row_size].view(n, layout.row_size)
+            _cols_grad(g_rows, pro.weight_rows, layout.groups, grad_cols)
+        resample_backward(
+            pro.padded_rows, pro.offset, pro.mask, pro.base_y, pro.base_x, pro.geometry,
+            pro.padded_rows.dtype.type(1), runs.first, runs.length, runs.column, runs.group, n0,
+            grad_cols.numpy(), pro.modulated, cols.numpy(), grad_offset.numpy(), grad_mask_np,
+            corner, *weights,
+        )  # fmt: skip
+        scatter_input_grad(
+            grad_cols.numpy(), corner, *weights, pro.geometry, chunks.first, chunks.length,
+            chunks.column, chunks.group, n0, grad_xpf,
+        )  # fmt: skip
+        # The weight gradient of this tile and the column gradient of the next are neighbours,
+        # so the loop alternates between Numba kernels and matrix multiplies twice per tile.
+        _weight_grad_add(grad_w, g_rows, cols, layout.groups)
+    return unpadded(grad_xp), grad_offset, grad_mask, grad_w
+
+
+def _contract(cols: Tensor, weight_rows: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+    """``(N, K*C) x (O, K*C/groups) -> (N, O)`` per weight group, plus bias."""
+    n = cols.shape[0]
+    out_channels = weight_rows.shape[0]
+    if groups == 1:
+        return _linear(cols, weight_rows, bias)
+    og = out_channels // groups
+    c = cols.view(n, groups, -1).transpose(0, 1)
+    w = weight_rows.view(groups, og, -1).transpose(1, 2)
+    out = torch.bmm(c, w).transpose(0, 1).reshape(n, out_channels)
+    if bias is not None:
+        out += bias
+    return out
+
+
+def _cols_grad(grad_rows: Tensor, weight_rows: Tensor, groups: int, out: Tensor) -> None:
+    """``out (N, K*C) = grad_rows (N, O) @ weight_rows (O, K*C/groups)`` per weight group."""
+    if groups == 1:
+        torch.mm(grad_rows, weight_rows, out=out)
+        return
+    n = grad_rows.shape[0]
+    g = grad_rows.view(n, groups, -1).transpose(0, 1)
+    w = weight_rows.view(groups, -1, weight_rows.shape[1])
+    out.view(n, groups, -1).copy_(torch.bmm(g, w).transpose(0, 1))
+
+
+def _weight_grad_add(grad_w: Tensor, grad_rows: Tensor, cols: Tensor, groups: int) -> None:
+    """``grad_w (O, K*C/groups) += grad_rows^T (O, N) @ cols (N, K*C)`` per weight group."""
+    if groups == 1:
+        grad_w.addmm_(grad_rows.t(), cols)
+        return
+    n = grad_rows.shape[0]
+    g = grad_rows.view(n, groups, -1).permute(1, 2, 0)
+    c = cols.view(n, groups, -1).transpose(0, 1)
+    grad_w.view(groups, -1, grad_w.shape[1]).baddbmm_(g, c)

@@ -11,8 +11,12 @@ which runs anywhere PyTorch does, and at most one fast kernel module per device 
   locator on a read-only install...), is reported once with a :class:`KernelFallbackWarning`
   naming the cause and the variable, and the portable kernel takes over;
 - a fast kernel that fails on its first call (a Triton compile or launch error, say) is reported
-  in the same way and replaced by the portable kernel for the rest of the process. After one
-  successful call its errors propagate like any other.
+  in the same way and replaced by the portable kernel for the rest of the process, provided the
+  portable kernel then succeeds on that call; when it fails too, the fault is not the fast
+  kernel's (a sticky CUDA error, a cuBLAS setting), its error propagates and nothing changes.
+  After one successful call the fast kernel's errors propagate like any other, except those its
+  module lists in ``KERNEL_FAULTS`` (Triton's compile errors, for instance, which a new dtype or
+  shape can raise at any call): those fall back as on the first call.
 
 :func:`use_kernel` overrides the choice for a device type (benchmarks, tests, debugging).
 """
@@ -165,23 +169,38 @@ def active_kernel(device_type: str = "cpu", family: str = "deform_conv2d") -> st
 
 def run(family: str, device_type: str, call: Callable[[ModuleType], _T]) -> _T:
     """``call(module)`` with ``family``'s kernel module for ``device_type``; a fast kernel that
-    fails on its first call is replaced by the portable one (with a warning) and ``call`` rerun.
+    fails on its first call, or with one of its ``KERNEL_FAULTS`` at any call, is replaced by the
+    portable one (with a warning) and ``call`` rerun.
     """
     choice = _choose(family, device_type)
-    if choice.verified:
-        return call(choice.module)
     try:
         result = call(choice.module)
     except _NOT_KERNEL_FAULTS:
         raise
     except Exception as exc:
-        with _lock:
-            if _choices.get((family, device_type)) is choice:
-                _fallback_warning(family, device_type, choice.name, exc)
-                portable = importlib.import_module(_families[family].portable)
-                _choices[(family, device_type)] = _Choice(PORTABLE, portable, verified=True)
-        return call(_choose(family, device_type).module)
+        faults = getattr(choice.module, "KERNEL_FAULTS", ())
+        if choice.name == PORTABLE or (choice.verified and not isinstance(exc, faults)):
+            raise
+        return _fall_back(family, device_type, choice, call, exc)
     choice.verified = True
+    return result
+
+
+def _fall_back(
+    family: str,
+    device_type: str,
+    choice: _Choice,
+    call: Callable[[ModuleType], _T],
+    cause: Exception,
+) -> _T:
+    """Rerun ``call`` on the portable kernel and, when that succeeds, make it the choice."""
+    portable = importlib.import_module(_families[family].portable)
+    # Raised here (chained to ``cause``), the portable kernel's error leaves the choice as it is.
+    result = call(portable)
+    with _lock:
+        if _choices.get((family, device_type)) is choice:
+            _fallback_warning(family, device_type, choice.name, cause)
+            _choices[(family, device_type)] = _Choice(PORTABLE, portable, verified=True)
     return result
 
 

@@ -1,11 +1,24 @@
-"""Triton kernels for deformable convolution on CUDA devices.
+"""Triton kernels for deformable convolution on CUDA devices: the host side.
 
-Sampling runs in Triton: one program per (block of output pixels, image, offset group, tap,
-block of channels) computes the bilinear coordinates and weights once and applies them to its
-channels. The contraction stays with cuBLAS (``torch.matmul``), through the same helpers as the
-portable kernel. The backward's input gradient is accumulated with atomic additions, so, as with
-torchvision's CUDA kernel, its last bits may vary between runs; offset, mask and weight gradients
-are deterministic.
+Sampling runs in Triton (:mod:`deformconv.ops._triton_kernels`): each program computes the
+bilinear coordinates and weights of one block of pixels for one (image, offset group, tap) once
+and applies them to a block of channels. The contraction stays with cuBLAS (``torch.matmul``),
+through the same helpers as the portable kernel. The host code makes what Triton's CPU
+interpreter cannot check hold by construction (see :mod:`deformconv.ops._launch`):
+
+- every launch has a one-axis grid, split over images so that it stays within CUDA's limits;
+- a launch whose tensors can be addressed past int32 runs the kernels' int64 variant;
+- allocations and launches run under ``torch.cuda.device(input.device)``;
+- float16 and bfloat16 tensors are loaded and stored in their own dtype and computed in float32
+  (``NATIVE_LOW_PRECISION``): columns and their gradient stay in the input's dtype, the input
+  and weight gradients of a chunk are accumulated in float32 and stored back in the input's dtype.
+
+Backward. By default the input gradient is accumulated with atomic additions (as in
+torchvision's CUDA kernel, its last bits may vary between runs). Under
+``torch.use_deterministic_algorithms(True)`` it takes a path without atomics: a kernel writes
+each bilinear corner's contributions and their destinations, and ``Tensor.scatter_add_``, which
+PyTorch makes deterministic on CUDA in that mode, adds them up; it is slower and uses more
+workspace (smaller chunks). Offset, mask and weight gradients never use atomics.
 
 The kernels also run on the CPU under ``TRITON_INTERPRET=1``, which is how the tests check them on
 machines without a GPU.
@@ -13,279 +26,125 @@ machines without a GPU.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from deformconv.ops._portable import Pair, _bytes_per_image, _cols_grad, _contract, _weight_grad
+from deformconv.ops import _launch
+from deformconv.ops._launch import GridLimitError, KernelLaunchError, cdiv, on_tensor_device
+from deformconv.ops._portable import Pair, _cols_grad, _contract, _weight_grad
+from deformconv.ops._triton_kernels import col2im_kernel, im2col_kernel, scatter_plan_kernel
 from deformconv.ops._workspace import batch_chunks
 
+# The operator passes float16/bfloat16 tensors straight to this module (no float32 copies).
+NATIVE_LOW_PRECISION = True
+
+
+def _triton_errors() -> tuple[type[BaseException], ...]:
+    """Triton's compile and launch errors (their module moved between Triton versions)."""
+    found: list[type[BaseException]] = []
+    for module, name in (
+        ("triton.errors", "TritonError"),
+        ("triton.compiler.errors", "CompilationError"),
+        ("triton.runtime.errors", "OutOfResources"),
+        ("triton.runtime.autotuner", "OutOfResources"),
+    ):
+        try:
+            cls = getattr(__import__(module, fromlist=[name]), name)
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(cls, type) and issubclass(cls, Exception) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+# Errors that mean "this kernel cannot run this call" whenever they happen (a specialisation
+# that does not compile for this GPU, say): the dispatcher then falls back to the portable
+# kernel, with a warning, even after earlier calls succeeded.
+KERNEL_FAULTS: tuple[type[BaseException], ...] = (
+    KernelLaunchError,
+    GridLimitError,
+    *_triton_errors(),
+)
+
 _BLOCK_P = 64
+_MAX_BLOCK_C = 16
+# Bytes per contribution that PyTorch's deterministic scatter_add_ on CUDA (a sort-based
+# index_put_) allocates besides its inputs: sorted keys, their permutation and sort buffers.
+_SORT_BYTES_PER_ELEMENT = 32
 
 
-@triton.jit
-def _corners(
-    off_ptr,
-    mask_ptr,
-    G,
-    K,
-    kw,
-    H,
-    W,
-    P,
-    Wo,
-    sh,
-    sw,
-    ph,
-    pw,
-    dh,
-    dw,
-    HAS_MASK: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    """This program's image, offset group, tap and block of pixels (from program ids 0 and 1),
-    and the bilinear corner coordinates and (modulated) weights of those pixels."""
-    pid_ngk = tl.program_id(1)
-    k = pid_ngk % K
-    g = (pid_ngk // K) % G
-    n = (pid_ngk // (K * G)).to(tl.int64)
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pm = p < P
-    oy = p // Wo
-    ox = p % Wo
-    i = k // kw
-    j = k % kw
-    obase = off_ptr + ((n * G + g) * K + k) * 2 * P
-    dy = tl.load(obase + p, mask=pm, other=0.0)
-    dx = tl.load(obase + P + p, mask=pm, other=0.0)
-    py = (oy * sh - ph + i * dh).to(dy.dtype) + dy
-    px = (ox * sw - pw + j * dw).to(dx.dtype) + dx
-    # Outside [-1, H) x [-1, W), or NaN: the tap reads zero and gets no offset gradient (on the
-    # edge -1 it reads zero but has a gradient, as in torchvision).
-    inside = (py >= -1) & (py < H) & (px >= -1) & (px < W)
-    py = tl.where(inside, py, -1.0)
-    px = tl.where(inside, px, -1.0)
-    y0f = tl.floor(py)
-    x0f = tl.floor(px)
-    ly = py - y0f
-    lx = px - x0f
-    y0 = y0f.to(tl.int32)
-    x0 = x0f.to(tl.int32)
-    if HAS_MASK:
-        m = tl.load(mask_ptr + ((n * G + g) * K + k) * P + p, mask=pm, other=0.0)
-    else:
-        m = tl.full(ly.shape, 1.0, ly.dtype)
-    return n, g, k, p, pm, y0, x0, ly, lx, m, inside
+class _Geometry(NamedTuple):
+    """The sizes every kernel takes, in their argument order."""
+
+    C: int  # input channels
+    H: int
+    W: int
+    Wo: int  # output width
+    P: int  # output pixels
+    Cg: int  # channels per offset group
+    G: int  # offset groups
+    K: int  # kernel taps
+    kw: int  # kernel width
 
 
-@triton.jit
-def _ptrs(x_ptr, ch, cm, pm, y, x, H, W, sxc, sxh, sxw):
-    """Pointers to one corner for a (channels, pixels) tile, and where they are in the image."""
-    ok = pm & (y >= 0) & (y < H) & (x >= 0) & (x < W)
-    return x_ptr + ch[:, None] * sxc + (y * sxh + x * sxw)[None, :], cm[:, None] & ok[None, :]
-
-
-@triton.jit
-def _tile(x_ptr, ch, cm, pm, y, x, H, W, sxc, sxh, sxw):
-    ptrs, ok = _ptrs(x_ptr, ch, cm, pm, y, x, H, W, sxc, sxh, sxw)
-    return tl.load(ptrs, mask=ok, other=0.0)
-
-
-@triton.jit
-def _corner_backward(xbase, gbase, gc, ch, cm, pm, y, x, w, H, W, sxc, sxh, sxw):
-    """Scatter one corner's share of the column gradient into the (contiguous) input gradient and
-    return the channel sum of gradient times value, that corner's weight gradient."""
-    ptrs, ok = _ptrs(xbase, ch, cm, pm, y, x, H, W, sxc, sxh, sxw)
-    v = tl.load(ptrs, mask=ok, other=0.0)
-    gptrs, _ = _ptrs(gbase, ch, cm, pm, y, x, H, W, H * W, W, 1)
-    tl.atomic_add(gptrs, gc * w[None, :], mask=ok)
-    return tl.sum(gc * v, axis=0)
-
-
-@triton.jit
-def _im2col_kernel(
-    x_ptr,
-    off_ptr,
-    mask_ptr,
-    cols_ptr,
-    C,
-    H,
-    W,
-    Wo,
-    P,
-    Cg,
-    G,
-    K,
-    kw,
-    sh,
-    sw,
-    ph,
-    pw,
-    dh,
-    dw,
-    sxn,
-    sxc,
-    sxh,
-    sxw,
-    HAS_MASK: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    n, g, k, p, pm, y0, x0, ly, lx, m, _inside = _corners(
-        off_ptr, mask_ptr, G, K, kw, H, W, P, Wo, sh, sw, ph, pw, dh, dw, HAS_MASK, BLOCK_P
-    )
-    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < Cg
-    ch = g * Cg + c
-    base = x_ptr + n * sxn
-    v00 = _tile(base, ch, cm, pm, y0, x0, H, W, sxc, sxh, sxw)
-    v01 = _tile(base, ch, cm, pm, y0, x0 + 1, H, W, sxc, sxh, sxw)
-    v10 = _tile(base, ch, cm, pm, y0 + 1, x0, H, W, sxc, sxh, sxw)
-    v11 = _tile(base, ch, cm, pm, y0 + 1, x0 + 1, H, W, sxc, sxh, sxw)
-    hy = 1 - ly
-    hx = 1 - lx
-    val = (
-        (hy * hx * m)[None, :] * v00
-        + (hy * lx * m)[None, :] * v01
-        + (ly * hx * m)[None, :] * v10
-        + (ly * lx * m)[None, :] * v11
-    )
-    rows = (n * C + ch) * K + k
-    tl.store(cols_ptr + rows[:, None] * P + p[None, :], val, mask=cm[:, None] & pm[None, :])
-
-
-@triton.jit
-def _col2im_kernel(
-    x_ptr,
-    off_ptr,
-    mask_ptr,
-    gcols_ptr,
-    gx_ptr,
-    goff_ptr,
-    gmask_ptr,
-    C,
-    H,
-    W,
-    Wo,
-    P,
-    Cg,
-    G,
-    K,
-    kw,
-    sh,
-    sw,
-    ph,
-    pw,
-    dh,
-    dw,
-    sxn,
-    sxc,
-    sxh,
-    sxw,
-    HAS_MASK: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    n, g, k, p, pm, y0, x0, ly, lx, m, inside = _corners(
-        off_ptr, mask_ptr, G, K, kw, H, W, P, Wo, sh, sw, ph, pw, dh, dw, HAS_MASK, BLOCK_P
-    )
-    hy = 1 - ly
-    hx = 1 - lx
-    s00 = tl.zeros([BLOCK_P], dtype=ly.dtype)
-    s01 = tl.zeros([BLOCK_P], dtype=ly.dtype)
-    s10 = tl.zeros([BLOCK_P], dtype=ly.dtype)
-    s11 = tl.zeros([BLOCK_P], dtype=ly.dtype)
-    xbase = x_ptr + n * sxn
-    # The input gradient is contiguous (N, C, H, W).
-    gbase = gx_ptr + n * C * H * W
-    for c0 in range(0, Cg, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        cm = c < Cg
-        ch = g * Cg + c
-        rows = (n * C + ch) * K + k
-        gc = tl.load(
-            gcols_ptr + rows[:, None] * P + p[None, :], mask=cm[:, None] & pm[None, :], other=0.0
-        )
-        s00 += _corner_backward(
-            xbase, gbase, gc, ch, cm, pm, y0, x0, hy * hx * m, H, W, sxc, sxh, sxw
-        )
-        s01 += _corner_backward(
-            xbase, gbase, gc, ch, cm, pm, y0, x0 + 1, hy * lx * m, H, W, sxc, sxh, sxw
-        )
-        s10 += _corner_backward(
-            xbase, gbase, gc, ch, cm, pm, y0 + 1, x0, ly * hx * m, H, W, sxc, sxh, sxw
-        )
-        s11 += _corner_backward(
-            xbase, gbase, gc, ch, cm, pm, y0 + 1, x0 + 1, ly * lx * m, H, W, sxc, sxh, sxw
-        )
-    grad_y = tl.where(inside, m * (hx * (s10 - s00) + lx * (s11 - s01)), 0.0)
-    grad_x = tl.where(inside, m * (hy * (s01 - s00) + ly * (s11 - s10)), 0.0)
-    obase = goff_ptr + ((n * G + g) * K + k) * 2 * P
-    tl.store(obase + p, grad_y, mask=pm)
-    tl.store(obase + P + p, grad_x, mask=pm)
-    if HAS_MASK:
-        gm = hy * hx * s00 + hy * lx * s01 + ly * hx * s10 + ly * lx * s11
-        tl.store(gmask_ptr + ((n * G + g) * K + k) * P + p, gm, mask=pm)
-
-
-def _geometry(input: Tensor, offset: Tensor, weight: Tensor) -> dict[str, int]:
+def _geometry(input: Tensor, offset: Tensor, weight: Tensor) -> _Geometry:
     channels, height, width = input.shape[1:]
     kh, kw = weight.shape[2:]
     taps = kh * kw
     groups = offset.shape[1] // (2 * taps)
     out_w = offset.shape[3]
-    return {
-        "C": channels,
-        "H": height,
-        "W": width,
-        "Wo": out_w,
-        "P": offset.shape[2] * out_w,
-        "Cg": channels // groups,
-        "G": groups,
-        "K": taps,
-        "kw": kw,
-    }
+    pixels = offset.shape[2] * out_w
+    return _Geometry(channels, height, width, out_w, pixels, channels // groups, groups, taps, kw)
 
 
-def _block_c(cpg: int) -> int:
-    return min(triton.next_power_of_2(cpg), 16)
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_acc(dtype: torch.dtype) -> Any:
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+class _Blocks(NamedTuple):
+    """Channel block size, and pixel and channel blocks per (image, offset group, tap)."""
+
+    block_c: int
+    n_pb: int  # pixel blocks
+    n_cb: int  # channel blocks
+
+    @classmethod
+    def of(cls, geo: _Geometry) -> _Blocks:
+        block_c = min(triton.next_power_of_2(geo.Cg), _MAX_BLOCK_C)
+        return cls(block_c, cdiv(geo.P, _BLOCK_P), cdiv(geo.Cg, block_c))
+
+    def per_image(self, geo: _Geometry, channel_blocks: bool) -> int:
+        return geo.G * geo.K * self.n_pb * (self.n_cb if channel_blocks else 1)
 
 
 def _im2col(
-    x: Tensor, offset: Tensor, mask: Tensor | None, geo: dict[str, int], params: tuple[int, ...]
+    x: Tensor, offset: Tensor, mask: Tensor | None, geo: _Geometry, params: tuple[int, ...]
 ) -> Tensor:
+    """Columns ``(n, C * K, P)`` in ``x``'s dtype."""
     n = x.shape[0]
-    cols = torch.empty((n, geo["C"] * geo["K"], geo["P"]), device=x.device, dtype=x.dtype)
-    block_c = _block_c(geo["Cg"])
-    grid = (
-        triton.cdiv(geo["P"], _BLOCK_P),
-        n * geo["G"] * geo["K"],
-        triton.cdiv(geo["Cg"], block_c),
-    )
-    _im2col_kernel[grid](
-        x,
-        offset,
-        offset if mask is None else mask,
-        cols,
-        geo["C"],
-        geo["H"],
-        geo["W"],
-        geo["Wo"],
-        geo["P"],
-        geo["Cg"],
-        geo["G"],
-        geo["K"],
-        geo["kw"],
-        *params,
-        *x.stride(),
-        HAS_MASK=mask is not None,
-        BLOCK_P=_BLOCK_P,
-        BLOCK_C=block_c,
-    )
+    cols = torch.empty((n, geo.C * geo.K, geo.P), device=x.device, dtype=x.dtype)
+    blocks = _Blocks.of(geo)
+    for a, b, grid in _launch.grids(n, blocks.per_image(geo, channel_blocks=True)):
+        xs, offs, cs = x[a:b], offset[a:b], cols[a:b]
+        ms = offs if mask is None else mask[a:b]
+        _launch.launch(
+            im2col_kernel, grid, xs, offs, ms, cs, *geo, *params, *xs.stride(),
+            blocks.n_pb, blocks.n_cb,
+            HAS_MASK=mask is not None, BLOCK_P=_BLOCK_P, BLOCK_C=blocks.block_c,
+            INDEX_64=_launch.needs_int64(xs, offs, ms, cs), ACC=_tl_acc(x.dtype),
+        )  # fmt: skip
     return cols
 
 
+@on_tensor_device
 def forward(
     input: Tensor,
     offset: Tensor,
@@ -296,14 +155,16 @@ def forward(
     padding: Pair,
     dilation: Pair,
 ) -> Tensor:
-    """Deformable convolution, output ``(B, O, Ho, Wo)`` (the portable kernel's contract)."""
+    """Deformable convolution, output ``(B, O, Ho, Wo)`` in the input's dtype (the portable
+    kernel's contract, plus float16 and bfloat16)."""
     batch = input.shape[0]
     offset = offset.contiguous()
     mask = None if mask is None else mask.contiguous()
     geo = _geometry(input, offset, weight)
     params = (*stride, *padding, *dilation)
-    out = input.new_empty((batch, weight.shape[0], geo["P"]))
-    for start, stop in batch_chunks(batch, _bytes_per_image(input, weight, offset)):
+    out = input.new_empty((batch, weight.shape[0], geo.P))
+    cols_bytes = geo.C * geo.K * geo.P * input.element_size()
+    for start, stop in batch_chunks(batch, cols_bytes):
         cols = _im2col(
             input[start:stop],
             offset[start:stop],
@@ -317,6 +178,77 @@ def forward(
     return out.view(batch, weight.shape[0], *offset.shape[2:])
 
 
+def _backward_bytes_per_image(geo: _Geometry, dtype: torch.dtype, deterministic: bool) -> int:
+    """Workspace of one image in the backward: columns and their gradient, the input-gradient
+    accumulator and, on the deterministic path, one corner's contributions and destinations."""
+    item = dtype.itemsize
+    acc = _acc_dtype(dtype).itemsize
+    cols = geo.C * geo.K * geo.P
+    if deterministic:
+        scatter = cols * (acc + 8 + _SORT_BYTES_PER_ELEMENT)
+        return 2 * cols * item + geo.C * (geo.H + 2) * (geo.W + 2) * acc + scatter
+    separate_acc = acc != item
+    return 2 * cols * item + (geo.C * geo.H * geo.W * acc if separate_acc else 0)
+
+
+def _offset_mask_grads(
+    x: Tensor,
+    offset: Tensor,
+    mask: Tensor | None,
+    grad_cols: Tensor,
+    grad_acc: Tensor | None,
+    grad_offset: Tensor,
+    grad_mask: Tensor | None,
+    geo: _Geometry,
+    params: tuple[int, ...],
+) -> None:
+    """Offset and mask gradients of a chunk; with ``grad_acc`` (contiguous ``(n, C, H, W)`` in the
+    compute dtype), also the input gradient, added atomically into it."""
+    blocks = _Blocks.of(geo)
+    for a, b, grid in _launch.grids(x.shape[0], blocks.per_image(geo, channel_blocks=False)):
+        xs, offs, gcs, goffs = x[a:b], offset[a:b], grad_cols[a:b], grad_offset[a:b]
+        ms = offs if mask is None else mask[a:b]
+        gms = goffs if grad_mask is None else grad_mask[a:b]
+        gxs = gcs if grad_acc is None else grad_acc[a:b]
+        _launch.launch(
+            col2im_kernel, grid, xs, offs, ms, gcs, gxs, goffs, gms, *geo, *params, *xs.stride(),
+            blocks.n_pb,
+            HAS_MASK=mask is not None, INPUT_GRAD=grad_acc is not None, BLOCK_P=_BLOCK_P,
+            BLOCK_C=blocks.block_c, INDEX_64=_launch.needs_int64(xs, offs, ms, gcs, gxs, goffs),
+            ACC=_tl_acc(x.dtype),
+        )  # fmt: skip
+
+
+def _deterministic_input_grad(
+    offset: Tensor, mask: Tensor | None, grad_cols: Tensor, geo: _Geometry, params: tuple[int, ...]
+) -> Tensor:
+    """The input gradient of a chunk without atomics, in the compute dtype: per bilinear corner,
+    a kernel writes each column element's contribution and destination, and a deterministic
+    ``scatter_add_`` sums them into a zero-padded ``(n, C, H + 2, W + 2)`` buffer."""
+    n = offset.shape[0]
+    acc_dtype = _acc_dtype(grad_cols.dtype)
+    padded = torch.zeros((n, geo.C, geo.H + 2, geo.W + 2), device=grad_cols.device, dtype=acc_dtype)
+    blocks = _Blocks.of(geo)
+    per_image = blocks.per_image(geo, channel_blocks=True)
+    for corner_y, corner_x in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        for a, b, grid in _launch.grids(n, per_image):
+            offs, gcs, dest = offset[a:b], grad_cols[a:b], padded[a:b]
+            ms = offs if mask is None else mask[a:b]
+            contrib = torch.empty(gcs.shape, device=gcs.device, dtype=acc_dtype)
+            target = torch.empty(gcs.shape, device=gcs.device, dtype=torch.int64)
+            _launch.launch(
+                scatter_plan_kernel, grid, offs, ms, gcs, contrib, target, corner_y, corner_x,
+                *geo, *params, blocks.n_pb, blocks.n_cb,
+                HAS_MASK=mask is not None, BLOCK_P=_BLOCK_P, BLOCK_C=blocks.block_c,
+                INDEX_64=_launch.needs_int64(offs, ms, gcs, dest), ACC=_tl_acc(gcs.dtype),
+            )  # fmt: skip
+            # Destinations are flat indices into this launch's images of the padded buffer.
+            dest.view(-1).scatter_add_(0, target.view(-1), contrib.view(-1))
+            del contrib, target
+    return padded[:, :, 1:-1, 1:-1]
+
+
+@on_tensor_device
 def backward(
     grad_out: Tensor,
     input: Tensor,
@@ -328,19 +260,22 @@ def backward(
     padding: Pair,
     dilation: Pair,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
-    """Gradients for input, offset, mask, weight and bias (the portable kernel's contract)."""
+    """Gradients for input, offset, mask, weight and bias, in the tensors' dtype (the portable
+    kernel's contract, plus float16 and bfloat16)."""
     batch = input.shape[0]
+    dtype = input.dtype
+    acc_dtype = _acc_dtype(dtype)
     offset = offset.contiguous()
     mask = None if mask is None else mask.contiguous()
     geo = _geometry(input, offset, weight)
     params = (*stride, *padding, *dilation)
-    grad_input = torch.zeros(input.shape, device=input.device, dtype=input.dtype)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    grad_input = torch.empty(input.shape, device=input.device, dtype=dtype)
     grad_offset = torch.empty_like(offset)
     grad_mask = None if mask is None else torch.empty_like(mask)
-    grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=weight.dtype)
-    # Columns and their gradient are alive together.
-    block_c = _block_c(geo["Cg"])
-    for start, stop in batch_chunks(batch, 2 * _bytes_per_image(input, weight, offset)):
+    grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=acc_dtype)
+    per_image = _backward_bytes_per_image(geo, dtype, deterministic)
+    for start, stop in batch_chunks(batch, per_image):
         n = stop - start
         x = input[start:stop]
         off = offset[start:stop]
@@ -350,29 +285,17 @@ def backward(
         grad_weight += _weight_grad(cols, g, weight)
         grad_cols = _cols_grad(g, weight, cols.shape).contiguous()
         del cols
-        grid = (triton.cdiv(geo["P"], _BLOCK_P), n * geo["G"] * geo["K"])
-        _col2im_kernel[grid](
-            x,
-            off,
-            off if m is None else m,
-            grad_cols,
-            grad_input[start:stop],
-            grad_offset[start:stop],
-            grad_offset if grad_mask is None else grad_mask[start:stop],
-            geo["C"],
-            geo["H"],
-            geo["W"],
-            geo["Wo"],
-            geo["P"],
-            geo["Cg"],
-            geo["G"],
-            geo["K"],
-            geo["kw"],
-            *params,
-            *x.stride(),
-            HAS_MASK=m is not None,
-            BLOCK_P=_BLOCK_P,
-            BLOCK_C=block_c,
-        )
+        gm = None if grad_mask is None else grad_mask[start:stop]
+        if deterministic:
+            _offset_mask_grads(x, off, m, grad_cols, None, grad_offset[start:stop], gm, geo, params)
+            grad_input[start:stop] = _deterministic_input_grad(off, m, grad_cols, geo, params)
+        else:
+            if acc_dtype == dtype:
+                acc = grad_input[start:stop].zero_()
+            else:
+                acc = torch.zeros((n, *input.shape[1:]), device=input.device, dtype=acc_dtype)
+            _offset_mask_grads(x, off, m, grad_cols, acc, grad_offset[start:stop], gm, geo, params)
+            if acc_dtype != dtype:
+                grad_input[start:stop] = acc
     grad_bias = None if bias is None else grad_out.sum(dim=(0, 2, 3))
-    return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
+    return grad_input, grad_offset, grad_mask, grad_weight.to(weight.dtype), grad_bias

@@ -6,7 +6,8 @@ The public :func:`deform_conv2d` validates its arguments and calls the custom op
 registered autograd formula whose backward is the custom operator
 ``torch.ops.deformconv.deform_conv2d_backward``, so both run under ``torch.compile(fullgraph=True)``,
 ``torch.export`` and ONNX export. Each device gets its kernel through the dispatcher: the portable
-PyTorch kernel by default (any device), the Numba kernel on CPU when Numba is available.
+PyTorch kernel by default (any device), the Numba kernel on CPU when Numba is available and the
+Triton kernels on CUDA (which take float16 and bfloat16 natively; see docs/cuda.md).
 """
 
 from __future__ import annotations
@@ -17,31 +18,20 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from deformconv._validation import to_pair
 from deformconv.ops import _dispatch, _portable
 from deformconv.ops._geometry import output_size
+from deformconv.ops._precision import (
+    LOW_PRECISION,
+    autocast_will_cast,
+    needs_float32,
+    register_autocast,
+)
+from deformconv.ops._workspace import get_workspace_budget, workspace_budget
 
 __all__ = ["deform_conv2d"]
 
 Pair = tuple[int, int]
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _pair(value: int | Sequence[int], name: str, minimum: int) -> Pair:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        pair = (value, value)
-    elif (
-        isinstance(value, Sequence)
-        and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    ):
-        pair = (int(value[0]), int(value[1]))
-    else:
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if min(pair) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return pair
 
 
 def _shape(t: Tensor) -> str:
@@ -76,7 +66,7 @@ def _check(
     for name, t in named.items():
         if t is None or name == "input":
             continue
-        if t.dtype != input.dtype:
+        if t.dtype != input.dtype and not autocast_will_cast(input, t):
             raise TypeError(f"{name} must have the input's dtype {input.dtype}, got {t.dtype}")
         if t.device != input.device:
             raise ValueError(f"{name} must be on the input's device {input.device}, got {t.device}")
@@ -155,16 +145,17 @@ def deform_conv2d(
 
     Args:
         input (Tensor[batch, in_channels, in_height, in_width]): input feature map.
-        offset (Tensor[batch, 2 * offset_groups * kernel_height * kernel_width, out_height,
-            out_width]): per offset group ``g`` and tap ``k = i * kernel_width + j``, channel
-            ``2 * (g * K + k)`` is the vertical offset and the next one the horizontal offset.
-        weight (Tensor[out_channels, in_channels / groups, kernel_height, kernel_width]).
-        bias (Tensor[out_channels], optional).
+        offset (Tensor[batch, 2 * offset_groups * kh * kw, out_height, out_width]): per
+            offset group ``g`` and tap ``k = i * kw + j`` (``K = kh * kw`` taps of the
+            ``kernel_height x kernel_width`` kernel), channel ``2 * (g * K + k)`` is the vertical
+            offset and the next one the horizontal offset.
+        weight (Tensor[out_channels, in_channels / groups, kh, kw]): the convolution's weight.
+        bias (Tensor[out_channels], optional): added to every output pixel.
         stride (int or (int, int)): default 1.
         padding (int or (int, int)): zero padding on each side, default 0.
         dilation (int or (int, int)): spacing between kernel taps, default 1.
-        mask (Tensor[batch, offset_groups * kernel_height * kernel_width, out_height, out_width],
-            optional): modulation of each tap (v2).
+        mask (Tensor[batch, offset_groups * kh * kw, out_height, out_width], optional):
+            modulation of each tap (v2).
 
     Returns:
         Tensor[batch, out_channels, out_height, out_width]
@@ -183,9 +174,9 @@ def deform_conv2d(
         >>> torch.allclose(out, torch.nn.functional.conv2d(input, weight), atol=1e-5)
         True
     """
-    s = _pair(stride, "stride", 1)
-    p = _pair(padding, "padding", 0)
-    d = _pair(dilation, "dilation", 1)
+    s = to_pair(stride, "stride", 1)
+    p = to_pair(padding, "padding", 0)
+    d = to_pair(dilation, "dilation", 1)
     _check(input, offset, weight, bias, mask, s, p, d)
     return torch.ops.deformconv.deform_conv2d(
         input, offset, mask, weight, bias, s[0], s[1], p[0], p[1], d[0], d[1]
@@ -194,12 +185,6 @@ def deform_conv2d(
 
 # --------------------------------------------------------------------------------------------
 # The custom operators. Arguments arrive validated by deform_conv2d.
-
-
-def _upcast(kernels: ModuleType, dtype: torch.dtype) -> bool:
-    """Whether ``kernels`` needs float16/bfloat16 tensors copied to float32 first (kernel modules
-    that load and store low precision themselves set ``NATIVE_LOW_PRECISION = True``)."""
-    return dtype in _LOW_PRECISION and not getattr(kernels, "NATIVE_LOW_PRECISION", False)
 
 
 def _run_forward(
@@ -217,7 +202,7 @@ def _run_forward(
     if input.shape[0] == 0:
         return input.new_zeros((0, weight.shape[0], out_h, out_w))
     dtype = input.dtype
-    if _upcast(kernels, dtype):
+    if needs_float32(kernels, dtype):
         up = [None if t is None else t.float() for t in (input, offset, mask, weight, bias)]
         return kernels.forward(*up, stride, padding, dilation).to(dtype)
     return kernels.forward(input, offset, mask, weight, bias, stride, padding, dilation)
@@ -244,7 +229,7 @@ def _run_backward(
             torch.zeros_like(weight),
             None if bias is None else torch.zeros_like(bias),
         )
-    elif _upcast(kernels, dtype):
+    elif needs_float32(kernels, dtype):
         up = [
             None if t is None else t.float() for t in (grad_out, input, offset, mask, weight, bias)
         ]
@@ -338,13 +323,17 @@ def _setup_context(ctx, inputs, output) -> None:
     input, offset, mask, weight, bias, *params = inputs
     ctx.save_for_backward(input, offset, mask, weight, bias)
     ctx.params = params
+    # Autograd may run the backward on another thread (CUDA's device threads), where the
+    # forward's workspace_budget(...) context is not in force: carry the budget over.
+    ctx.workspace_budget = get_workspace_budget()
 
 
 def _backward(ctx, grad_out: Tensor):
     input, offset, mask, weight, bias = ctx.saved_tensors
-    gi, go, gm, gw, gb = torch.ops.deformconv.deform_conv2d_backward(
-        grad_out.contiguous(), input, offset, mask, weight, bias, *ctx.params
-    )
+    with workspace_budget(ctx.workspace_budget):
+        gi, go, gm, gw, gb = torch.ops.deformconv.deform_conv2d_backward(
+            grad_out.contiguous(), input, offset, mask, weight, bias, *ctx.params
+        )
     return (
         gi,
         go,
@@ -356,6 +345,61 @@ def _backward(ctx, grad_out: Tensor):
 
 
 _deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _setup_backward_context(ctx, inputs, output) -> None:
+    grad_out, input, offset, mask, weight, bias, *params = inputs
+    ctx.save_for_backward(grad_out, input, offset, mask, weight, bias)
+    ctx.params = params
+
+
+def _double_backward(ctx, *grads: Tensor | None):
+    """Gradients of the first-order gradients (gradient penalties, Hessian-vector products).
+
+    They are the vector-Jacobian product of the first-order gradients, which are recomputed by
+    autograd through the portable kernel's forward: plain differentiable PyTorch operations,
+    slower than the device kernels but exact, on every device. Low precision runs in float32.
+    """
+    saved = ctx.saved_tensors
+    p = ctx.params
+    none = [None] * (len(saved) + len(p))
+    if saved[1].shape[0] == 0:
+        return tuple(none)
+    compute = torch.float32 if saved[1].dtype in LOW_PRECISION else saved[1].dtype
+    with torch.enable_grad():
+        leaves = [None if t is None else t.detach().to(compute).requires_grad_() for t in saved]
+        grad_out, input, offset, mask, weight, bias = leaves
+        primals = [t for t in leaves[1:] if t is not None]
+        out = _portable.forward(
+            input, offset, mask, weight, bias, (p[0], p[1]), (p[2], p[3]), (p[4], p[5])
+        )
+        first = torch.autograd.grad(out, primals, grad_out, create_graph=True)
+        # grads[i] flows into output i (input, offset, mask, weight, bias gradient); the ones
+        # of an absent mask or bias belong to empty placeholders.
+        incoming = [g for g, t in zip(grads, leaves[1:], strict=True) if t is not None]
+        pairs = [(f, g.to(compute)) for f, g in zip(first, incoming, strict=True) if g is not None]
+        if not pairs:
+            return tuple(none)
+        wrt = [t for t in leaves if t is not None]
+        second = iter(
+            torch.autograd.grad(
+                [f for f, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True
+            )
+        )
+    result = []
+    for original, leaf in zip(saved, leaves, strict=True):
+        grad = None if leaf is None else next(second)
+        result.append(None if grad is None else grad.to(original.dtype))
+    return (*result, *([None] * len(p)))
+
+
+_deform_conv2d_backward_op.register_autograd(
+    _double_backward, setup_context=_setup_backward_context
+)
+
+
+# Autocast: the operator follows the autocast dtype in force, as F.conv2d does (see _precision).
+register_autocast("deform_conv2d")
 
 
 # --------------------------------------------------------------------------------------------
