@@ -3,34 +3,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from deformconv.demo.data import Split
 from deformconv.demo.figures import (
     dilation_by_scale,
     dilation_figure,
     example_indices,
+    restoration_figure,
     sampling_examples,
     sampling_figures,
     training_curves_figure,
     unit_positions,
 )
-from deformconv.demo.models import DigitCNN, ModelConfig
 from deformconv.demo.train import EpochRecord, TrainResult
 from deformconv.tools.visualize import offset_field
-
-
-@pytest.fixture(scope="module")
-def model_and_split():
-    torch.manual_seed(0)
-    model = DigitCNN(ModelConfig(channels=(4, 4, 8, 8), deformable=2, image_size=16)).eval()
-    for conv in model.convs[2:]:
-        nn.init.normal_(conv.conv_offset.weight, std=0.2)
-    images = torch.zeros(6, 1, 16, 16)
-    for i in range(6):
-        images[i, 0, 4 + i // 3 : 12 - i // 3, 6:10] = 1
-    split = Split(images, torch.arange(6) % 10, torch.linspace(0.5, 1.5, 6))
-    return model, split
 
 
 @pytest.mark.parametrize(("centre", "grid"), [((2, 2), 8), ((5, 1), 8), ((0, 0), 4)])
@@ -85,3 +71,15 @@ def test_figures_render(model_and_split):
     assert [t.get_text() for t in curves.axes[1].get_legend().get_texts()] == ["a", "b"]
     with pytest.raises(ValueError, match="at least one protocol"):
         training_curves_figure({})
+
+
+def test_restoration_figure():
+    inputs, targets = torch.zeros(3, 1, 9, 9), torch.ones(3, 1, 9, 9)
+    fig = restoration_figure(inputs, {"a": torch.full_like(targets, 0.5)}, targets, "t")
+    assert len(fig.axes) == 3 * 3
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["input", "a", "target"]
+    # The error under each image is its mean squared error against the target.
+    assert fig.axes[0].get_xlabel() == "error 1.0000"
+    assert fig.axes[1].get_xlabel() == "error 0.2500"
+    with pytest.raises(ValueError, match="must have one shape"):
+        restoration_figure(inputs, {"a": torch.zeros(3, 1, 8, 8)}, targets)

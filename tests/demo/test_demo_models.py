@@ -5,6 +5,11 @@ import pytest
 import torch
 from torch import nn
 
+from deformconv.demo.encoder_decoder import (
+    EncoderDecoder,
+    EncoderDecoderConfig,
+    save_encoder_decoder,
+)
 from deformconv.demo.models import (
     DigitCNN,
     ModelConfig,
@@ -120,9 +125,14 @@ def test_checkpoint_round_trip(tmp_path):
 def test_checkpoint_errors(tmp_path):
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(2)}, other)
-    with pytest.raises(ValueError, match="is not a deformconv demo model"):
+    with pytest.raises(ValueError, match=r"is not a model saved by `deformconv demo` .*format"):
         load_checkpoint(other)
     junk = tmp_path / "junk.pt"
     junk.write_text("hello")
-    with pytest.raises(ValueError, match="is not a model saved by `deformconv demo`"):
+    with pytest.raises(ValueError, match=r"is not a model saved by `deformconv demo` \(torch"):
         load_checkpoint(junk)
+    # An encoder-decoder file is another kind of model file.
+    restorer = tmp_path / "restore.pt"
+    save_encoder_decoder(EncoderDecoder(EncoderDecoderConfig((8, 8), (2, 2))), restorer)
+    with pytest.raises(ValueError, match="deformconv-demo-model/1"):
+        load_checkpoint(restorer)

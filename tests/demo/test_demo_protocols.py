@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from deformconv.demo.data import Deformation
+from deformconv.demo.occlusion import Occlusion
 from deformconv.demo.protocols import DemoConfig, load_data, run_demo
+from deformconv.demo.train import evaluate
 from deformconv.nn import DeformableConv2d
 
 TINY = {"size": 16, "limit": 48, "channels": (4, 4, 8, 8), "epochs": 1, "finetune_epochs": 1}
@@ -18,8 +20,9 @@ def result():
 
 
 def test_rows_and_numbers(result):
-    assert [p.protocol for p in result.protocols] == [1, 2]
+    assert [p.protocol for p in result.protocols] == [1, 2, 3]
     assert [r.name for r in result.protocols[0].rows] == ["regular CNN", "deformable CNN"]
+    assert [r.name for r in result.protocols[2].rows] == ["regular CNN", "deformable CNN"]
     assert [r.name for r in result.protocols[1].rows] == [
         "regular CNN (plain)",
         "deformable: offsets",
@@ -27,9 +30,10 @@ def test_rows_and_numbers(result):
     ]
     for protocol in result.protocols:
         for row in protocol.rows:
-            assert 0.0 <= row.plain_accuracy <= 1.0 and 0.0 <= row.deformed_accuracy <= 1.0
+            for accuracy in (row.plain_accuracy, row.deformed_accuracy, row.occluded_accuracy):
+                assert 0.0 <= accuracy <= 1.0
             assert row.seconds_per_epoch > 0
-    p1, p2 = result.protocols
+    p1, p2, p3 = result.protocols
     assert p1.rows[1].parameters > p1.rows[0].parameters == p1.rows[0].trainable_parameters
     offsets = sum(
         p.numel()
@@ -41,6 +45,41 @@ def test_rows_and_numbers(result):
     assert result.sizes == {"train": 48, "val": 179, "test": 359}
     assert result.test_deformed.scales is not None
     assert not torch.equal(result.test_deformed.images, result.test_plain.images)
+    assert p3.rows[1].parameters == p1.rows[1].parameters
+
+
+def test_occluded_test_digits(result):
+    occluded, plain = result.test_occluded, result.test_plain
+    assert occluded.occluders is not None and occluded.scales is None
+    assert torch.equal(occluded.labels, plain.labels)
+    assert torch.equal(occluded.images[~occluded.occluders], plain.images[~occluded.occluders])
+    assert torch.equal(
+        occluded.images[occluded.occluders],
+        torch.full_like(occluded.images[occluded.occluders], 0.5),
+    )
+    # The accuracy columns are what evaluate() gives on each split.
+    model = result.protocols[2].models["deformable CNN"]
+    row = result.protocols[2].rows[1]
+    assert row.occluded_accuracy == evaluate(model, occluded)
+    assert row.plain_accuracy == evaluate(model, plain)
+    assert result.to_dict()["test_occluded_coverage"] == pytest.approx(0.3, abs=0.03)
+
+
+def test_protocol3_trains_on_occluded_digits(monkeypatch):
+    import deformconv.demo.protocols as protocols
+
+    seen = []
+    real = protocols.train
+
+    def spy(model, train_split, val_split, config, augmentation=None, **kwargs):
+        seen.append((kwargs["task"], augmentation, val_split))
+        return real(model, train_split, val_split, config, augmentation, **kwargs)
+
+    monkeypatch.setattr(protocols, "train", spy)
+    occlusion = Occlusion(0.2, "blob")
+    run_demo(DemoConfig(**TINY, protocols=(3,), occlusion=occlusion))
+    assert [task for task, _, _ in seen] == ["P3 regular CNN", "P3 deformable CNN"]
+    assert all(aug == occlusion and val.occluders is not None for _, aug, val in seen)
 
 
 def test_protocol2_adapts_only_offsets(result):
@@ -66,8 +105,14 @@ def test_protocol1_is_reproducible():
 def test_result_is_json_serialisable(result):
     data = json.loads(json.dumps(result.to_dict()))
     assert data["config"]["deformation"]["scale"] == [0.5, 1.5]
+    assert data["config"]["occlusion"] == {
+        "fraction": 0.3,
+        "shape": "rectangle",
+        "fill": 0.5,
+        "threshold": 0.25,
+    }
     rows = data["protocols"][0]["rows"]
-    assert {"plain_accuracy", "deformed_accuracy", "history", "best_epoch"} <= rows[0].keys()
+    assert {"plain_accuracy", "deformed_accuracy", "occluded_accuracy", "history"} <= rows[0].keys()
 
 
 @pytest.mark.parametrize(
@@ -75,7 +120,7 @@ def test_result_is_json_serialisable(result):
     [
         ({"data": "cifar"}, r"data must be one of \('digits', 'mnist'\)"),
         ({"data": "mnist"}, "needs root"),
-        ({"protocols": (3,)}, "protocols must be a non-empty subset"),
+        ({"protocols": (4,)}, r"protocols must be a non-empty subset of \(1, 2, 3\)"),
         ({"limit": 3}, "limit must be >= 10"),
         ({"deformable": 0}, r"deformable must be in \[1, 3\]"),
         ({"size": 30}, "image_size must be a multiple of 4"),

@@ -6,9 +6,12 @@ import torch
 from deformconv.demo.data import Deformation, Split
 from deformconv.demo.models import DigitCNN, ModelConfig, deformable_twin
 from deformconv.demo.train import (
+    DistributedContext,
     TrainConfig,
     count_parameters,
+    distributed_plan,
     evaluate,
+    every_process_ok,
     init_distributed,
     train,
 )
@@ -107,3 +110,71 @@ def test_single_process_context():
     with pytest.raises(ValueError, match="device must be 'auto', 'cpu' or 'cuda'"):
         init_distributed("tpu")
     assert count_parameters(torch.nn.Linear(3, 2)) == 8
+
+
+@pytest.mark.parametrize(
+    ("device", "environ", "gpus", "backend", "expected"),
+    [
+        # torchrun's variables; NCCL only moves tensors on the process's own GPU (LOCAL_RANK).
+        ("auto", {"WORLD_SIZE": "4", "LOCAL_RANK": "3"}, 4, "nccl", torch.device("cuda", 3)),
+        ("cuda", {"WORLD_SIZE": "2", "LOCAL_RANK": "0"}, 2, "nccl", torch.device("cuda", 0)),
+        ("cpu", {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, 2, "gloo", torch.device("cpu")),
+        ("auto", {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, 0, "gloo", torch.device("cpu")),
+        ("auto", {}, 1, None, torch.device("cuda", 0)),
+        ("auto", {}, 0, None, torch.device("cpu")),
+    ],
+)
+def test_distributed_plan(device, environ, gpus, backend, expected):
+    plan = distributed_plan(device, environ, cuda_devices=gpus)
+    assert plan.backend == backend and plan.device == expected
+    assert plan.world_size == int(environ.get("WORLD_SIZE", "1"))
+
+
+def test_distributed_plan_errors():
+    with pytest.raises(ValueError, match="device is 'cuda' but"):
+        distributed_plan("cuda", {}, cuda_devices=0)
+    with pytest.raises(ValueError, match="LOCAL_RANK is 2 but 2 CUDA device"):
+        distributed_plan("auto", {"WORLD_SIZE": "3", "LOCAL_RANK": "2"}, cuda_devices=2)
+
+
+def test_gpu_process_sets_its_device_before_joining_the_group(monkeypatch):
+    """Simulated GPUs: NCCL binds a process to the current device when the group starts, so
+    set_device must come first (torch.distributed's NCCL notes)."""
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: len(calls) > 1)
+    monkeypatch.setattr(
+        dist, "init_process_group", lambda **kw: calls.append(("init", kw["backend"]))
+    )
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    context = init_distributed("auto")
+    assert calls == [("set_device", torch.device("cuda", 1)), ("init", "nccl")]
+    assert context.device == torch.device("cuda", 1) and context.world_size == 2
+
+
+def test_agreement_tensor_lives_on_the_process_device(monkeypatch):
+    import torch.distributed as dist
+
+    devices = []
+
+    class Stop(Exception):
+        pass
+
+    def all_reduce(tensor):
+        devices.append(tensor.device)
+        raise Stop
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    # "meta" stands for a GPU here: any device other than the CPU default shows the choice.
+    context = DistributedContext(0, 2, torch.device("meta"))
+    with pytest.raises(Stop):
+        every_process_ok(True, context)
+    assert devices == [torch.device("meta")]
+    assert every_process_ok(False, DistributedContext()) is False

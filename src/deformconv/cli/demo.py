@@ -1,70 +1,36 @@
-"""``deformconv demo``: a regular CNN against its deformable twin on real handwritten digits.
+"""``deformconv demo``: a regular CNN against its deformable twin on real handwritten digits, and
+an encoder-decoder that restores occluded digits.
 
-Trains both protocols of :mod:`deformconv.demo.protocols`, prints their tables and writes the
-figures, ``results.json`` and the deformable models to an output folder. Everything is written
-to a hidden staging folder first and moved into place only when the run succeeds, so a failed or
-interrupted run leaves nothing half-written. Under ``torchrun --nproc_per_node=N`` the processes
-share the training (DistributedDataParallel) and rank 0 prints and writes.
+``--task classify`` (the default) trains the three protocols of :mod:`deformconv.demo.protocols`
+(deformed digits; plain digits then adapted; occluded digits), prints their tables and writes
+the figures, ``results.json`` and the deformable models. ``--task restore`` trains the
+encoder-decoders of :mod:`deformconv.demo.restore`. Each run replaces ``--out`` as a whole (see
+:mod:`deformconv.cli._demo_output`): a failed or interrupted run leaves nothing, and a folder
+that a demo run did not write is refused. Under ``torchrun --nproc_per_node=N`` the processes
+share the classifiers' training (DistributedDataParallel) and rank 0 prints and writes.
 
-Exit codes: 0 success; 2 invalid arguments or inputs (unknown dataset, missing MNIST folder,
-output folder that cannot be written); 3 a missing optional dependency; 130 interrupted.
+Exit codes: 0 success; 2 invalid arguments or inputs (an unknown task or dataset, an occlusion
+fraction outside [0, 1), a missing MNIST folder, an output folder that cannot be written or holds
+other files), with a one-line message; 3 a missing optional dependency; 130 interrupted (Ctrl-C);
+143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import os
-import platform
-import shutil
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import NoReturn
 
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_MISSING_DEPENDENCY = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
-DEFAULT_OUT = "deformconv-out/demo"
-
-
-class OutputFolder:
-    """A folder filled atomically: files go to a hidden sibling first, then move in on commit.
-
-    Example:
-        >>> with tempfile.TemporaryDirectory() as tmp:
-        ...     out = OutputFolder(Path(tmp) / "run")
-        ...     _ = (out.staging / "a.txt").write_text("x")
-        ...     _ = out.commit()
-        ...     sorted(p.name for p in Path(tmp).iterdir())
-        ['run']
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if self.path.exists() and not self.path.is_dir():
-            raise OSError(f"{self.path} exists and is not a folder")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = Path(
-            tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=self.path.parent)
-        )
-
-    def commit(self) -> list[Path]:
-        """Move every staged file into the folder (replacing same-named files); return them."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        moved = []
-        for item in sorted(self.staging.iterdir()):
-            target = self.path / item.name
-            os.replace(item, target)
-            moved.append(target)
-        self.discard()
-        return moved
-
-    def discard(self) -> None:
-        """Remove the staging folder and whatever it holds."""
-        shutil.rmtree(self.staging, ignore_errors=True)
+TASKS = ("classify", "restore")
+DEFAULT_OUT = {"classify": "deformconv-out/demo", "restore": "deformconv-out/demo-restore"}
 
 
 def _positive_int(text: str) -> int:
@@ -77,33 +43,92 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_float(text: str) -> float:
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _non_negative_float(text: str) -> float:
+    value = _number(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return value
 
 
+def _fraction(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
+def _grey(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a grey value in [0, 1], got {text!r}")
+    return value
+
+
+def _protocols(text: str) -> tuple[int, ...]:
+    from deformconv.demo.protocols import PROTOCOLS
+
+    if text.strip() == "all":
+        return PROTOCOLS
+    try:
+        chosen = tuple(sorted({int(part) for part in text.split(",")}))
+    except ValueError:
+        chosen = ()
+    if not chosen or any(p not in PROTOCOLS for p in chosen):
+        raise argparse.ArgumentTypeError(
+            f"expected 'all' or a comma-separated list of {', '.join(map(str, PROTOCOLS))}, "
+            f"got {text!r}"
+        )
+    return chosen
+
+
+def _one_line_errors(parser: argparse.ArgumentParser) -> None:
+    """Argument errors in one line (argparse would print the whole usage first)."""
+
+    def error(message: str) -> NoReturn:
+        parser.exit(EXIT_USAGE, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
+
+    parser.error = error  # type: ignore[method-assign]
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from deformconv.demo.data import DATASETS, Deformation
+    from deformconv.demo.occlusion import OCCLUDERS, Occlusion
     from deformconv.demo.protocols import DemoConfig
 
     defaults = DemoConfig()
     deformation = Deformation()
+    occlusion = Occlusion()
     parser = subparsers.add_parser(
         "demo",
-        help="regular vs deformable CNN on real handwritten digits, with sampling figures",
+        help="regular vs deformable CNN on real handwritten digits (deformed, occluded), "
+        "and an encoder-decoder that restores occluded digits",
         description="Train a regular CNN and its deformable twin on real handwritten digits "
-        "(scikit-learn's 1,797 8x8 digits, upsampled; nothing is downloaded) and on randomly "
-        "scaled, rotated and shifted copies. Protocol 1 trains both on deformed digits; "
-        "protocol 2 trains the regular CNN on plain digits, then only new offset branches on "
-        "deformed digits (plus a control that fine-tunes all weights). Prints accuracy tables "
-        "and writes figures, results.json and the deformable models to --out.",
-        epilog="examples: deformconv demo --seed 1 | torchrun --nproc_per_node=2 --no-python "
+        "(scikit-learn's 1,797 8x8 digits, upsampled; nothing is downloaded). Protocol 1 trains "
+        "both on randomly scaled, rotated and shifted digits; protocol 2 trains the regular CNN "
+        "on plain digits, then only new offset branches on deformed digits (plus a control that "
+        "fine-tunes all weights); protocol 3 trains both on occluded digits. Every model is "
+        "tested on plain, deformed and occluded digits. --task restore trains encoder-decoders "
+        "(strided convolutions down, transposed convolutions up) to restore occluded digits. "
+        "Prints tables and writes figures, results.json and models to --out, replacing the "
+        "folder of an earlier run.",
+        epilog="examples: deformconv demo --seed 1 | deformconv demo --occlusion 0.4 --occluder "
+        "blob | deformconv demo --task restore | torchrun --nproc_per_node=2 --no-python "
         "deformconv demo | deformconv demo --data mnist --root ~/data --limit 6000",
+    )
+    _one_line_errors(parser)
+    parser.add_argument(
+        "--task",
+        choices=TASKS,
+        default="classify",
+        help="classify: the three protocols (default); restore: encoder-decoders that restore "
+        "occluded digits",
     )
     parser.add_argument(
         "--data",
@@ -118,7 +143,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(PATH/MNIST/raw/*-ubyte[.gz]); never downloaded",
     )
     parser.add_argument(
-        "--out", metavar="DIR", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})"
+        "--out",
+        metavar="DIR",
+        help=f"output folder, new, empty or from an earlier run, which it replaces (default "
+        f"{DEFAULT_OUT['classify']}, or {DEFAULT_OUT['restore']} with --task restore)",
     )
     parser.add_argument(
         "--seed",
@@ -128,15 +156,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--protocol",
-        choices=("1", "2", "both"),
-        default="both",
-        help="which protocol to run (default both)",
+        type=_protocols,
+        default="all",
+        metavar="LIST",
+        help="which protocols to run: all (default) or a list such as 1,3",
     )
     parser.add_argument(
         "--epochs",
         type=_positive_int,
         default=defaults.epochs,
-        help=f"epochs of training from scratch (default {defaults.epochs})",
+        help=f"epochs of training from scratch, for every task (default {defaults.epochs})",
     )
     parser.add_argument(
         "--finetune-epochs",
@@ -168,7 +197,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--size",
         type=_positive_int,
         default=defaults.size,
-        help=f"image side in pixels, a multiple of 4 (default {defaults.size})",
+        help=f"image side in pixels, a multiple of 4 for classify, any side >= 4 for restore "
+        f"(default {defaults.size})",
     )
     parser.add_argument(
         "--limit", type=_positive_int, metavar="N", help="train on at most N images (default: all)"
@@ -212,6 +242,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="amplitude in pixels of an elastic warp (default 0: none)",
     )
     parser.add_argument(
+        "--occlusion",
+        type=_fraction,
+        default=occlusion.fraction,
+        metavar="FRACTION",
+        help="fraction of each digit's pixels the occluder covers, in [0, 1) "
+        f"(default {occlusion.fraction:g})",
+    )
+    parser.add_argument(
+        "--occluder",
+        choices=OCCLUDERS,
+        default=occlusion.shape,
+        help=f"shape of the occluder (default {occlusion.shape})",
+    )
+    parser.add_argument(
+        "--occluder-fill",
+        type=_grey,
+        default=occlusion.fill,
+        metavar="GREY",
+        help=f"grey value of the occluder, 0 erases (default {occlusion.fill:g})",
+    )
+    parser.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
         default="auto",
@@ -223,11 +274,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _config(args: argparse.Namespace):
+def _occlusion(args: argparse.Namespace):
+    from deformconv.demo.occlusion import Occlusion
+
+    return Occlusion(fraction=args.occlusion, shape=args.occluder, fill=args.occluder_fill)
+
+
+def _classify_config(args: argparse.Namespace):
     from deformconv.demo.data import Deformation
     from deformconv.demo.protocols import DemoConfig
 
-    protocols = (1, 2) if args.protocol == "both" else (int(args.protocol),)
     return DemoConfig(
         data=args.data,
         root=args.root,
@@ -239,6 +295,7 @@ def _config(args: argparse.Namespace):
             translation=args.translation,
             elastic=args.elastic,
         ),
+        occlusion=_occlusion(args),
         deformable=args.deformable_layers,
         modulated=args.modulated,
         epochs=args.epochs,
@@ -246,7 +303,24 @@ def _config(args: argparse.Namespace):
         batch_size=args.batch_size,
         lr=args.lr,
         offset_lr_mult=args.offset_lr_mult,
-        protocols=protocols,
+        protocols=args.protocol,
+        seed=args.seed,
+    )
+
+
+def _restore_config(args: argparse.Namespace):
+    from deformconv.demo.restore import RestoreConfig
+
+    return RestoreConfig(
+        data=args.data,
+        root=args.root,
+        size=args.size,
+        limit=args.limit,
+        occlusion=_occlusion(args),
+        modulated=args.modulated,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
         seed=args.seed,
     )
 
@@ -260,185 +334,55 @@ def _missing(args: argparse.Namespace) -> list[str]:
     return [name for module, name in needed if importlib.util.find_spec(module) is None]
 
 
-def _agree(ok: bool, world_size: int) -> bool:
-    """Whether every process is ok (a collective; all processes must call it)."""
-    if world_size == 1:
-        return ok
-    import torch
-    import torch.distributed as dist
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    from deformconv.cli._common import print_error
 
-    flag = torch.tensor([0 if ok else 1])
-    dist.all_reduce(flag)
-    return int(flag) == 0
-
-
-def _percent(value: float) -> str:
-    return f"{100 * value:.1f}"
-
-
-_CAPTIONS = {
-    1: "same initial weights and schedule; s/epoch: median training time of an epoch; "
-    "epochs: trained (selected on deformed validation)",
-    2: "regular CNN trained on plain digits; then on deformed digits either only new offset "
-    "branches (deformable) or all weights of a copy (control) train",
-}
-
-
-def _tables(result) -> list:
-    from rich import box
-    from rich.table import Table
-
-    tables = []
-    for protocol in result.protocols:
-        table = Table(
-            title=f"{protocol.title} - test accuracy %",
-            title_justify="left",
-            box=box.SIMPLE_HEAD,
-            caption=_CAPTIONS[protocol.protocol],
-            caption_justify="left",
-        )
-        table.add_column("model", no_wrap=True)
-        table.add_column("plain", justify="right")
-        table.add_column("deformed", justify="right")
-        table.add_column("params", justify="right")
-        table.add_column("trained", justify="right")
-        table.add_column("s/epoch", justify="right")
-        table.add_column("epochs", justify="right")
-        for row in protocol.rows:
-            table.add_row(
-                row.name,
-                _percent(row.plain_accuracy),
-                _percent(row.deformed_accuracy),
-                f"{row.parameters:,}",
-                f"{row.trainable_parameters:,}",
-                f"{row.seconds_per_epoch:.2f}",
-                f"{len(row.training.history)} ({row.training.best_epoch})",
-            )
-        tables.append(table)
-    return tables
-
-
-def _environment(world_size: int, device: str) -> dict[str, Any]:
-    import torch
-
-    from deformconv.ops import active_kernel
-
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "threads_per_process": torch.get_num_threads(),
-        "world_size": world_size,
-        "device": device,
-        "deform_conv_kernel": active_kernel(torch.device(device).type),
-    }
-
-
-_FIGURE_DPI = 100
-
-
-def _write_outputs(result, staging: Path, figures: bool, environment: dict[str, Any]) -> None:
-    from deformconv.demo.models import save_checkpoint
-
-    models = {}
-    for protocol in result.protocols:
-        model = protocol.models[protocol.deformable]
-        models[protocol.protocol] = model
-        save_checkpoint(
-            model,
-            staging / f"p{protocol.protocol}_deformable.pt",
-            {"protocol": protocol.protocol, "seed": result.config.seed},
-        )
-    if figures:
-        _save_figures(result, models, staging)
-    payload = {**result.to_dict(), "environment": environment}
-    (staging / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
-
-
-def _save_figures(result, models, staging: Path) -> None:
-    from deformconv.demo import figures
-
-    names = {1: "Protocol 1 deformable CNN", 2: "Protocol 2 deformable CNN (offsets only)"}
-    measured = {}
-    for protocol, model in models.items():
-        sampling, field = figures.sampling_figures(model, result.test_deformed, 3, names[protocol])
-        sampling.savefig(staging / f"sampling_p{protocol}.png", dpi=_FIGURE_DPI)
-        field.savefig(staging / f"offsets_p{protocol}.png", dpi=_FIGURE_DPI)
-        measured[names[protocol]] = figures.dilation_by_scale(model, result.test_deformed)
-    first = next(iter(models.values()))
-    layer_names = [
-        f"layer {i + 1}" for i, conv in enumerate(first.convs) if hasattr(conv, "conv_offset")
-    ]
-    figures.dilation_figure(measured, layer_names).savefig(
-        staging / "dilation_vs_scale.png", dpi=_FIGURE_DPI
-    )
-    runs = {}
-    for protocol in result.protocols:
-        runs[protocol.title] = {
-            # The plain-trained CNN is selected on plain validation digits, the rest on deformed.
-            row.name + (" (val: plain)" if protocol.protocol == 2 and k == 0 else ""): row.training
-            for k, row in enumerate(protocol.rows)
-        }
-    figures.training_curves_figure(runs).savefig(staging / "training_curves.png", dpi=_FIGURE_DPI)
+    print_error("demo", message)
+    return code
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.markup import escape
-
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-    def fail(message: str, code: int = EXIT_USAGE) -> int:
-        err.print(f"[red]deformconv demo: error:[/red] {escape(message)}")
-        return code
-
     try:
-        config = _config(args)
+        config = _classify_config(args) if args.task == "classify" else _restore_config(args)
     except ValueError as exc:
-        return fail(str(exc))
+        return _fail(str(exc))
     missing = _missing(args)
     if missing:
-        return fail(
+        return _fail(
             f"the demo needs {', '.join(missing)}: pip install 'deformconv[demo]'",
             EXIT_MISSING_DEPENDENCY,
         )
 
-    from deformconv.demo.data import DataError
-    from deformconv.demo.protocols import load_data
-    from deformconv.demo.train import init_distributed
+    from deformconv.cli._demo_output import OutputFolder, Terminated, sigterm_raises
+    from deformconv.cli._files import OutputError
+    from deformconv.demo.train import every_process_ok, init_distributed
 
     try:
         context = init_distributed(args.device)
     except ValueError as exc:
-        return fail(str(exc))
+        return _fail(str(exc))
+    out = Path(args.out or DEFAULT_OUT[args.task])
     output: OutputFolder | None = None
     try:
-        problem = None
-        if context.is_main:
-            try:
-                output = OutputFolder(args.out)
-            except OSError as exc:
-                problem = f"cannot write the output folder {args.out}: {exc}"
-        if not _agree(problem is None, context.world_size):
-            return fail(problem or "the output folder cannot be written (see rank 0)")
-        try:
-            splits = load_data(config)
-        except (DataError, ValueError) as exc:
-            problem = str(exc)
-        if not _agree(problem is None, context.world_size):
-            return fail(problem or "the data could not be loaded (see rank 0)")
-        result = _train(config, splits, context, err)
-        if context.is_main:
-            assert output is not None
-            environment = _environment(context.world_size, str(context.device))
-            _write_outputs(result, output.staging, not args.no_figures, environment)
-            files = output.commit()
-            output = None
-            _report(result, files, Path(args.out), environment)
-        return EXIT_OK
+        with sigterm_raises():
+            if args.task == "restore" and context.world_size > 1:
+                return _fail("--task restore trains in one process: start it without torchrun")
+            problem = None
+            if context.is_main:
+                try:
+                    output = OutputFolder(out)
+                except OutputError as exc:
+                    problem = str(exc)
+            if not every_process_ok(problem is None, context):
+                return _fail(problem or "the output folder cannot be written (see rank 0)")
+            task = _classify if args.task == "classify" else _restore
+            return task(config, context, output, out, not args.no_figures)
     except KeyboardInterrupt:
-        return fail("interrupted; nothing was written", EXIT_INTERRUPTED)
+        return _fail(_stopped("interrupted", output, out), EXIT_INTERRUPTED)
+    except Terminated:
+        return _fail(_stopped("terminated", output, out), EXIT_TERMINATED)
+    except OutputError as exc:
+        return _fail(str(exc))
     finally:
         if output is not None:
             output.discard()
@@ -448,65 +392,72 @@ def run(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
-def _train(config, splits, context, err):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    from deformconv.demo.protocols import run_demo
-
-    columns = (
-        TextColumn("{task.description:<34}"),
-        BarColumn(bar_width=24),
-        MofNCompleteColumn(),
-        TextColumn("epoch {task.fields[epoch]}"),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("val {task.fields[val]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=err, disable=not context.is_main) as bar:
-        tasks: dict[str, Any] = {}
-
-        def progress(update) -> None:
-            if update.task not in tasks:
-                tasks[update.task] = bar.add_task(
-                    update.task, total=update.total_steps, epoch="-", loss="-", val="-"
-                )
-            fields = {"epoch": f"{update.epoch}/{update.epochs}", "loss": f"{update.loss:.3f}"}
-            if update.val_accuracy is not None:
-                fields["val"] = f"{100 * update.val_accuracy:.1f}%"
-            bar.update(tasks[update.task], completed=update.step, **fields)
-
-        return run_demo(config, context.device, progress, context.world_size, splits)
+def _stopped(how: str, output, out: Path) -> str:
+    if output is not None and output.committed:
+        return f"{how} after the results were written to {out}"
+    return f"{how}; nothing was written"
 
 
-def _report(result, files: list[Path], out: Path, environment: dict[str, Any]) -> None:
+def _publish(output, out: Path, write: Callable[[Path], list[str]]) -> list[str]:
+    """Stage the run's files with ``write``, then put the folder in place."""
+    from deformconv.cli._files import OutputError, _reason
+
+    staging = output.stage()
+    try:
+        files = write(staging)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
+        reason = _reason(exc).replace(str(staging), str(out))
+        raise OutputError(f"cannot write the output folder {out}: {reason}") from None
+    output.commit()
+    return files
+
+
+def _classify(config, context, output, out: Path, figures: bool) -> int:
     from rich.console import Console
 
-    console = Console(highlight=False)
-    config, sizes = result.config, result.sizes
-    warp = config.deformation
-    described = (
-        f"{config.data}: {sizes['train']} train / {sizes['val']} validation / {sizes['test']} "
-        f"test images, {config.size}x{config.size}; deformed = random scale "
-        f"{warp.scale[0]:g}-{warp.scale[1]:g}, rotation +-{warp.rotation:g} deg, shift "
-        f"+-{warp.translation:g} px"
+    from deformconv.cli import _demo_report as report
+    from deformconv.demo.data import DataError
+    from deformconv.demo.protocols import load_data, run_demo
+    from deformconv.demo.train import every_process_ok
+
+    problem = None
+    try:
+        splits = load_data(config)
+    except (DataError, ValueError) as exc:
+        problem = str(exc)
+    if not every_process_ok(problem is None, context):
+        return _fail(problem or "the data could not be loaded (see rank 0)")
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    with report.progress_display(err, context.is_main) as progress:
+        result = run_demo(config, context.device, progress, context.world_size, splits)
+    if context.is_main:
+        env = report.environment(context.world_size, str(context.device))
+        shares = report.occluder_shares(result)
+        files = _publish(
+            output,
+            out,
+            lambda staging: report.write_classify(result, shares, staging, figures, env),
+        )
+        report.report_classify(report.stdout_console(), result, shares, files, out, env)
+    return EXIT_OK
+
+
+def _restore(config, context, output, out: Path, figures: bool) -> int:
+    from rich.console import Console
+
+    from deformconv.cli import _demo_report as report
+    from deformconv.demo.data import DataError
+    from deformconv.demo.restore import run_restore
+
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        with report.progress_display(err, True) as progress:
+            result = run_restore(config, context.device, progress)
+    except DataError as exc:
+        return _fail(str(exc))
+    env = report.environment(1, str(context.device))
+    files = _publish(
+        output, out, lambda staging: report.write_restore(result, staging, figures, env)
     )
-    if warp.elastic:
-        described += f", elastic {warp.elastic:g} px"
-    console.print(described + f"; seed {config.seed}", markup=False)
-    for table in _tables(result):
-        console.print(table)
-    console.print(
-        f"total {result.seconds:.0f} s on {environment['world_size']} process(es), "
-        f"{environment['threads_per_process']} thread(s) each, device {environment['device']}; "
-        "models selected on the validation split only",
-        markup=False,
-    )
-    console.print(
-        f"wrote {len(files)} files to {out}: " + ", ".join(f.name for f in files), markup=False
-    )
+    report.report_restore(report.stdout_console(), result, files, out, env)
+    return EXIT_OK

@@ -14,6 +14,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -22,12 +23,16 @@ from torch import Tensor
 
 __all__ = [
     "DATASETS",
+    "Augmentation",
     "DataError",
     "Deformation",
     "DigitSplits",
     "Split",
     "Transform",
+    "check_source",
+    "default_digit_size",
     "deform",
+    "load_dataset",
     "load_digits",
     "load_image",
     "load_mnist",
@@ -54,12 +59,14 @@ class Split:
     """Images ``(N, 1, H, W)`` float32 in [0, 1] and their labels ``(N,)`` int64.
 
     ``scales`` holds, for deformed copies, the scale factor applied to each image (``(N,)``);
-    ``None`` for undeformed images.
+    ``None`` for undeformed images. ``occluders`` holds, for occluded copies, where each occluder
+    lies (``(N, 1, H, W)`` bool); ``None`` for unoccluded images.
     """
 
     images: Tensor
     labels: Tensor
     scales: Tensor | None = None
+    occluders: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -73,6 +80,16 @@ class DigitSplits:
     val: Split
     test: Split
     name: str
+
+
+class Augmentation(Protocol):
+    """A random change of training images, drawn afresh every epoch (:class:`Deformation`,
+    :class:`~deformconv.demo.occlusion.Occlusion`)."""
+
+    def apply(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        """``(N, C, H, W)`` images changed at random; the same generator state gives the same
+        output."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -103,6 +120,10 @@ class Deformation:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if not self.elastic_sigma > 0:
             raise ValueError(f"elastic_sigma must be positive, got {self.elastic_sigma!r}")
+
+    def apply(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        """The deformed images alone (the :class:`Augmentation` interface)."""
+        return deform(images, self, generator)[0]
 
 
 def _stratified_split(
@@ -171,6 +192,63 @@ def load_digits(size: int = 32, digit_size: int = 20, seed: int = 0) -> DigitSpl
         return Split(images[index].contiguous(), labels[index].contiguous())
 
     return DigitSplits(take(train_idx), take(val_idx), take(test_idx), "digits")
+
+
+def check_source(data: str, root: str | Path | None) -> None:
+    """Raise a ``ValueError`` unless ``data`` names a dataset and MNIST comes with its ``root``.
+
+    Example:
+        >>> check_source("mnist", None)
+        Traceback (most recent call last):
+        ...
+        ValueError: data 'mnist' needs root: the folder of a local MNIST copy
+    """
+    if data not in DATASETS:
+        raise ValueError(f"data must be one of {DATASETS}, got {data!r}")
+    if data == "mnist" and not root:
+        raise ValueError("data 'mnist' needs root: the folder of a local MNIST copy")
+
+
+def default_digit_size(data: str, size: int) -> int:
+    """The side a source digit is resized to on a ``size`` canvas: 5/8 of it for the 8x8
+    digits, 7/8 for MNIST's 28x28 images, whose digits already have a margin.
+
+    Example:
+        >>> default_digit_size("digits", 32), default_digit_size("mnist", 32)
+        (20, 28)
+    """
+    if data not in DATASETS:
+        raise ValueError(f"data must be one of {DATASETS}, got {data!r}")
+    return round(size * (5 / 8 if data == "digits" else 7 / 8))
+
+
+def load_dataset(
+    data: str,
+    size: int,
+    digit_size: int | None = None,
+    root: str | Path | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+) -> DigitSplits:
+    """The splits of ``data`` (``"digits"`` or ``"mnist"`` under ``root``), the training split
+    cut to its first ``limit`` images.
+
+    Example:
+        >>> splits = load_dataset("digits", 16, limit=100)
+        >>> len(splits.train), tuple(splits.test.images.shape[1:])
+        (100, (1, 16, 16))
+    """
+    check_source(data, root)
+    side = default_digit_size(data, size) if digit_size is None else digit_size
+    if data == "digits":
+        splits = load_digits(size, side, seed)
+    else:
+        assert root is not None
+        splits = load_mnist(root, size, side, seed=seed)
+    if limit is not None and limit < len(splits.train):
+        train = Split(splits.train.images[:limit], splits.train.labels[:limit])
+        splits = DigitSplits(train, splits.val, splits.test, splits.name)
+    return splits
 
 
 def read_idx(path: str | Path) -> np.ndarray:

@@ -1,5 +1,6 @@
-"""The demo's figures: where the trained deformable layers sample, their offset fields, how their
-sampling spread follows the digits' scale, and the training curves.
+"""The demo's figures: where the trained deformable layers sample on deformed digits, their offset
+fields, how their sampling spread follows the digits' scale, the training curves, and the
+restoration task's inputs, outputs and targets (occluded digits: :mod:`~deformconv.demo.occluded_sampling`).
 
 Every function returns a ``matplotlib.figure.Figure``; the command line saves them.
 """
@@ -31,6 +32,7 @@ __all__ = [
     "dilation_by_scale",
     "dilation_figure",
     "example_indices",
+    "restoration_figure",
     "sampling_examples",
     "training_curves_figure",
     "unit_positions",
@@ -274,3 +276,45 @@ def sampling_figures(
         ),
         offset_field_figure(examples, title=f"{title}: offset field"),
     )
+
+
+def restoration_figure(
+    inputs: torch.Tensor,
+    outputs: Mapping[str, torch.Tensor],
+    targets: torch.Tensor,
+    title: str = "",
+) -> Figure:
+    """One row per image: the input, each model's output and the target, side by side, with
+    each output's mean squared error against the target.
+
+    Args:
+        inputs: ``(N, 1, H, W)``.
+        outputs: model name -> its ``(N, 1, H, W)`` outputs.
+        targets: ``(N, 1, H, W)``.
+    """
+    Figure = _figure()
+    count = inputs.shape[0]
+    if count == 0:
+        raise ValueError("inputs must hold at least one image, got none")
+    for name, out in outputs.items():
+        if out.shape != targets.shape or inputs.shape != targets.shape:
+            raise ValueError(
+                f"inputs, outputs[{name!r}] and targets must have one shape, got "
+                f"{tuple(inputs.shape)}, {tuple(out.shape)} and {tuple(targets.shape)}"
+            )
+    columns = {"input": inputs, **outputs, "target": targets}
+    fig = Figure(figsize=(1.9 * len(columns) + 0.4, 1.9 * count + 0.9), layout="constrained")
+    axes = fig.subplots(count, len(columns), squeeze=False)
+    for col, (name, images) in enumerate(columns.items()):
+        for row in range(count):
+            ax = axes[row, col]
+            ax.imshow(images[row, 0].detach().cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if name != "target":
+                error = float(((images[row] - targets[row]) ** 2).mean())
+                ax.set_xlabel(f"error {error:.4f}", fontsize=8)
+            if row == 0:
+                ax.set_title(name, fontsize=9)
+    fig.suptitle(title or "Restoration: input, outputs and target", fontsize=11)
+    return fig

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from deformconv.demo.checkpoint import load_model_file, save_model_file
 from deformconv.nn import DeformableConv2d
 from deformconv.tools.visualize import SamplingLayer
 
@@ -192,13 +193,7 @@ def save_checkpoint(
     model: DigitCNN, path: str | Path, extra: Mapping[str, Any] | None = None
 ) -> None:
     """Save ``model``'s configuration and weights so :func:`load_checkpoint` can rebuild it."""
-    payload = {
-        "format": _FORMAT,
-        "config": asdict(model.config),
-        "state_dict": model.state_dict(),
-        "extra": dict(extra or {}),
-    }
-    torch.save(payload, Path(path))
+    save_model_file(path, _FORMAT, asdict(model.config), model.state_dict(), extra)
 
 
 def load_checkpoint(path: str | Path) -> DigitCNN:
@@ -207,19 +202,7 @@ def load_checkpoint(path: str | Path) -> DigitCNN:
     Raises:
         ValueError: ``path`` is not such a checkpoint.
     """
-    path = Path(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(
-            f"{path} is not a model saved by `deformconv demo` (torch.load failed: "
-            f"{type(exc).__name__}: {exc})"
-        ) from exc
-    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-        raise ValueError(
-            f"{path} is not a deformconv demo model (expected a file saved by "
-            "`deformconv demo`, with format " + repr(_FORMAT) + ")"
-        )
+    payload = load_model_file(path, _FORMAT, "a model saved by `deformconv demo`")
     config = dict(payload["config"])
     config["channels"] = tuple(config["channels"])
     model = DigitCNN(ModelConfig(**config))

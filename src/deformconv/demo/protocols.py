@@ -1,4 +1,4 @@
-"""The demo's two experiments, regular CNN against its deformable twin.
+"""The demo's three experiments, regular CNN against its deformable twin.
 
 Protocol 1 ("same data"): both networks start from the same weights (the deformable one adds
 zero-initialised offset branches) and train with the same schedule on randomly deformed digits.
@@ -8,7 +8,10 @@ regular CNN trains on plain digits; then its last convolutions become deformable
 offset branches train on deformed digits. As a control, a copy of the regular CNN fine-tunes all
 of its weights on the same deformed digits for the same number of epochs.
 
-Every model is selected on its validation split (deformed when it trained on deformed digits);
+Protocol 3 ("occlusion"): as protocol 1, but both networks train on occluded digits (a random
+rectangle or blob over a stated fraction of each digit, drawn afresh every epoch).
+
+Every model is tested on plain, deformed and occluded copies of the test digits. Every model is selected on its validation split (deformed when it trained on deformed digits);
 the test splits are only evaluated.
 """
 
@@ -21,15 +24,17 @@ from typing import Any
 import torch
 
 from deformconv.demo.data import (
-    DATASETS,
+    Augmentation,
     Deformation,
     DigitSplits,
     Split,
+    check_source,
+    default_digit_size,
     deform,
-    load_digits,
-    load_mnist,
+    load_dataset,
 )
 from deformconv.demo.models import DigitCNN, ModelConfig, deformable_twin
+from deformconv.demo.occlusion import Occlusion, coverage, occlude
 from deformconv.demo.train import (
     ProgressCallback,
     TrainConfig,
@@ -48,7 +53,10 @@ __all__ = [
     "run_demo",
     "run_protocol1",
     "run_protocol2",
+    "run_protocol3",
 ]
+
+PROTOCOLS: tuple[int, ...] = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -64,12 +72,16 @@ class DemoConfig:
             digits already have a margin).
         limit: use at most this many training images (``None``: all).
         deformation: the random deformation of the deformed splits.
+        occlusion: the random occlusion of the occluded splits (and of protocol 3's training).
         channels: widths of the four convolution blocks.
         deformable: how many of the last blocks become deformable.
         modulated: deformable blocks also learn a modulation mask (DCNv2).
-        epochs: epochs of training from scratch (protocol 1, and the regular CNN of protocol 2).
+        epochs: epochs of training from scratch (protocols 1 and 3, and the regular CNN of
+            protocol 2).
         finetune_epochs: epochs on deformed digits after that in protocol 2.
-        batch_size, lr, offset_lr_mult: see :class:`~deformconv.demo.train.TrainConfig`.
+        batch_size: see :class:`~deformconv.demo.train.TrainConfig`.
+        lr: see :class:`~deformconv.demo.train.TrainConfig`.
+        offset_lr_mult: see :class:`~deformconv.demo.train.TrainConfig`.
         protocols: which protocols to run.
         seed: seed of the split, initialisation, batch order and deformations.
     """
@@ -80,6 +92,7 @@ class DemoConfig:
     digit_size: int | None = None
     limit: int | None = None
     deformation: Deformation = field(default_factory=Deformation)
+    occlusion: Occlusion = field(default_factory=Occlusion)
     channels: tuple[int, int, int, int] = (16, 32, 64, 64)
     deformable: int = 3
     modulated: bool = False
@@ -88,17 +101,14 @@ class DemoConfig:
     batch_size: int = 64
     lr: float = 3e-3
     offset_lr_mult: float = 1.0
-    protocols: tuple[int, ...] = (1, 2)
+    protocols: tuple[int, ...] = PROTOCOLS
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.data not in DATASETS:
-            raise ValueError(f"data must be one of {DATASETS}, got {self.data!r}")
-        if self.data == "mnist" and not self.root:
-            raise ValueError("data 'mnist' needs root: the folder of a local MNIST copy")
-        if not self.protocols or any(p not in (1, 2) for p in self.protocols):
+        check_source(self.data, self.root)
+        if not self.protocols or any(p not in PROTOCOLS for p in self.protocols):
             raise ValueError(
-                f"protocols must be a non-empty subset of (1, 2), got {self.protocols!r}"
+                f"protocols must be a non-empty subset of {PROTOCOLS}, got {self.protocols!r}"
             )
         if self.limit is not None and self.limit < 10:
             raise ValueError(f"limit must be >= 10 training images or None, got {self.limit!r}")
@@ -115,7 +125,7 @@ class DemoConfig:
         """The digit side actually used (see ``digit_size``)."""
         if self.digit_size is not None:
             return self.digit_size
-        return round(self.size * (5 / 8 if self.data == "digits" else 7 / 8))
+        return default_digit_size(self.data, self.size)
 
     def train_config(self, epochs: int | None = None, trainable: str = "all") -> TrainConfig:
         return TrainConfig(
@@ -130,6 +140,7 @@ class DemoConfig:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["deformation"] = asdict(self.deformation)
+        out["occlusion"] = asdict(self.occlusion)
         return out
 
 
@@ -140,6 +151,7 @@ class ModelResult:
     name: str
     plain_accuracy: float
     deformed_accuracy: float
+    occluded_accuracy: float
     parameters: int
     trainable_parameters: int
     seconds_per_epoch: float
@@ -150,6 +162,7 @@ class ModelResult:
             "name": self.name,
             "plain_accuracy": self.plain_accuracy,
             "deformed_accuracy": self.deformed_accuracy,
+            "occluded_accuracy": self.occluded_accuracy,
             "parameters": self.parameters,
             "trainable_parameters": self.trainable_parameters,
             "seconds_per_epoch": self.seconds_per_epoch,
@@ -181,12 +194,13 @@ class ProtocolResult:
 
 @dataclass
 class DemoResult:
-    """Both protocols' results and the test splits they were measured on."""
+    """The protocols' results and the test splits they were measured on."""
 
     config: DemoConfig
     protocols: list[ProtocolResult]
     test_plain: Split
     test_deformed: Split
+    test_occluded: Split
     sizes: dict[str, int]
     seconds: float
     world_size: int = 1
@@ -195,6 +209,7 @@ class DemoResult:
         return {
             "config": self.config.to_dict(),
             "dataset_sizes": self.sizes,
+            "test_occluded_coverage": _mean_coverage(self.test_plain, self.test_occluded),
             "world_size": self.world_size,
             "seconds": self.seconds,
             "protocols": [p.to_dict() for p in self.protocols],
@@ -206,19 +221,15 @@ class _Data:
     splits: DigitSplits
     val_deformed: Split
     test_deformed: Split
+    val_occluded: Split
+    test_occluded: Split
 
 
 def load_data(config: DemoConfig) -> DigitSplits:
     """The configured dataset's splits (train limited to ``config.limit`` images)."""
-    if config.data == "digits":
-        splits = load_digits(config.size, config.digit_side(), config.seed)
-    else:
-        assert config.root is not None
-        splits = load_mnist(config.root, config.size, config.digit_side(), seed=config.seed)
-    if config.limit is not None and config.limit < len(splits.train):
-        train = Split(splits.train.images[: config.limit], splits.train.labels[: config.limit])
-        splits = DigitSplits(train, splits.val, splits.test, splits.name)
-    return splits
+    return load_dataset(
+        config.data, config.size, config.digit_side(), config.root, config.limit, config.seed
+    )
 
 
 def _deformed_copy(split: Split, deformation: Deformation, seed: int) -> Split:
@@ -226,12 +237,25 @@ def _deformed_copy(split: Split, deformation: Deformation, seed: int) -> Split:
     return Split(images, split.labels, transform.scale)
 
 
+def _occluded_copy(split: Split, occlusion: Occlusion, seed: int) -> Split:
+    images, occluders = occlude(split.images, occlusion, torch.Generator().manual_seed(seed))
+    return Split(images, split.labels, occluders=occluders)
+
+
+def _mean_coverage(plain: Split, occluded: Split) -> float:
+    assert occluded.occluders is not None
+    return float(coverage(plain.images, occluded.occluders).mean())
+
+
 def _prepare(config: DemoConfig, splits: DigitSplits) -> _Data:
-    # Fixed deformed copies: the same for every model, seed-dependent, never trained on.
+    # Fixed deformed and occluded copies: the same for every model, seed-dependent, never
+    # trained on.
     return _Data(
         splits,
         _deformed_copy(splits.val, config.deformation, config.seed + 1_000_001),
         _deformed_copy(splits.test, config.deformation, config.seed + 2_000_003),
+        _occluded_copy(splits.val, config.occlusion, config.seed + 3_000_017),
+        _occluded_copy(splits.test, config.occlusion, config.seed + 4_000_037),
     )
 
 
@@ -242,6 +266,7 @@ def _row(
         name=name,
         plain_accuracy=evaluate(model, data.splits.test),
         deformed_accuracy=evaluate(model, data.test_deformed),
+        occluded_accuracy=evaluate(model, data.test_occluded),
         parameters=count_parameters(model),
         trainable_parameters=trainable,
         seconds_per_epoch=training.seconds_per_epoch,
@@ -264,6 +289,35 @@ def _offset_parameters(model: DigitCNN) -> int:
     )
 
 
+def _same_budget(
+    result: ProtocolResult,
+    config: DemoConfig,
+    data: _Data,
+    device: torch.device,
+    augmentation: Augmentation,
+    val_split: Split,
+    seed: int,
+    progress: ProgressCallback | None,
+) -> ProtocolResult:
+    """Train a regular CNN and its deformable twin from the same weights with one schedule."""
+    regular = _regular(config, device, seed)
+    deformable = deformable_twin(regular, config.deformable, config.modulated)
+    schedule = config.train_config()
+    for name, model in (("regular CNN", regular), ("deformable CNN", deformable)):
+        training = train(
+            model,
+            data.splits.train,
+            val_split,
+            schedule,
+            augmentation,
+            task=f"P{result.protocol} {name}",
+            progress=progress,
+        )
+        result.rows.append(_row(name, model, data, training, count_parameters(model)))
+        result.models[name] = model
+    return result
+
+
 def run_protocol1(
     config: DemoConfig,
     data: _Data,
@@ -272,22 +326,29 @@ def run_protocol1(
 ) -> ProtocolResult:
     """Regular and deformable CNN, same initial weights, both trained on deformed digits."""
     result = ProtocolResult(1, "Protocol 1: both trained on deformed digits", "deformable CNN")
-    regular = _regular(config, device, config.seed)
-    deformable = deformable_twin(regular, config.deformable, config.modulated)
-    schedule = config.train_config()
-    for name, model in (("regular CNN", regular), ("deformable CNN", deformable)):
-        training = train(
-            model,
-            data.splits.train,
-            data.val_deformed,
-            schedule,
-            config.deformation,
-            task=f"P1 {name}",
-            progress=progress,
-        )
-        result.rows.append(_row(name, model, data, training, count_parameters(model)))
-        result.models[name] = model
-    return result
+    return _same_budget(
+        result, config, data, device, config.deformation, data.val_deformed, config.seed, progress
+    )
+
+
+def run_protocol3(
+    config: DemoConfig,
+    data: _Data,
+    device: torch.device,
+    progress: ProgressCallback | None = None,
+) -> ProtocolResult:
+    """Regular and deformable CNN, same initial weights, both trained on occluded digits."""
+    result = ProtocolResult(3, "Protocol 3: both trained on occluded digits", "deformable CNN")
+    return _same_budget(
+        result,
+        config,
+        data,
+        device,
+        config.occlusion,
+        data.val_occluded,
+        config.seed + 13,
+        progress,
+    )
 
 
 def run_protocol2(
@@ -366,10 +427,10 @@ def run_demo(
 
     Example:
         >>> config = DemoConfig(size=16, digit_size=12, limit=64, channels=(4, 4, 4, 4),
-        ...                     epochs=1, finetune_epochs=1, protocols=(1,))
+        ...                     epochs=1, finetune_epochs=1, protocols=(1, 3))
         >>> result = run_demo(config)
-        >>> [row.name for row in result.protocols[0].rows]
-        ['regular CNN', 'deformable CNN']
+        >>> [(p.protocol, [row.name for row in p.rows]) for p in result.protocols]
+        [(1, ['regular CNN', 'deformable CNN']), (3, ['regular CNN', 'deformable CNN'])]
     """
     start = time.perf_counter()
     device = torch.device(device)
@@ -379,6 +440,8 @@ def run_demo(
         results.append(run_protocol1(config, data, device, progress))
     if 2 in config.protocols:
         results.append(run_protocol2(config, data, device, progress))
+    if 3 in config.protocols:
+        results.append(run_protocol3(config, data, device, progress))
     sizes = {
         "train": len(data.splits.train),
         "val": len(data.splits.val),
@@ -389,6 +452,7 @@ def run_demo(
         results,
         data.splits.test,
         data.test_deformed,
+        data.test_occluded,
         sizes,
         time.perf_counter() - start,
         world_size,

@@ -15,7 +15,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -23,19 +23,23 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from deformconv.demo.data import Deformation, Split, deform
+from deformconv.demo.data import Augmentation, Split
 from deformconv.nn import DeformableConv2d, offset_param_groups
 
 __all__ = [
     "DistributedContext",
+    "DistributedPlan",
     "EpochRecord",
     "ProgressCallback",
     "ProgressUpdate",
     "TrainConfig",
     "TrainResult",
     "count_parameters",
+    "distributed_plan",
     "evaluate",
+    "every_process_ok",
     "init_distributed",
+    "optimizer_and_schedule",
     "train",
 ]
 
@@ -82,7 +86,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ProgressUpdate:
-    """Where a training run stands; handed to the progress callback after every step."""
+    """Where a training run stands; handed to the progress callback after every step, and
+    after every epoch with its validation accuracy (classifiers) or error (restoration)."""
 
     task: str
     step: int
@@ -91,6 +96,7 @@ class ProgressUpdate:
     epochs: int
     loss: float
     val_accuracy: float | None = None
+    val_error: float | None = None
 
 
 ProgressCallback = Callable[[ProgressUpdate], None]
@@ -143,26 +149,85 @@ def _context() -> tuple[int, int]:
     return 0, 1
 
 
+@dataclass(frozen=True)
+class DistributedPlan:
+    """How this process trains: alone, or with others through a ``backend``.
+
+    Attributes:
+        world_size: processes training together (1: alone).
+        local_rank: this process's index on its machine.
+        backend: ``"nccl"`` on GPUs, ``"gloo"`` on CPUs; ``None`` for a single process.
+        device: where this process's model and every tensor of a collective live
+            (``cuda:<local_rank>`` on GPUs: NCCL only moves tensors on the process's own GPU).
+    """
+
+    world_size: int
+    local_rank: int
+    backend: str | None
+    device: torch.device
+
+
+def distributed_plan(
+    device: str = "auto",
+    environ: Mapping[str, str] | None = None,
+    cuda_devices: int | None = None,
+) -> DistributedPlan:
+    """The backend and device of this process, from ``torchrun``'s environment variables.
+
+    Args:
+        device: ``"auto"`` (CUDA when a GPU is visible), ``"cpu"`` or ``"cuda"``.
+        environ: the environment (default ``os.environ``); ``WORLD_SIZE`` and ``LOCAL_RANK``
+            are read.
+        cuda_devices: the number of visible GPUs (default ``torch.cuda.device_count()`` when
+            CUDA is available, else 0).
+
+    Example:
+        >>> distributed_plan("auto", {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, cuda_devices=2)
+        DistributedPlan(world_size=2, local_rank=1, backend='nccl', device=device(type='cuda', index=1))
+        >>> distributed_plan("auto", {}, cuda_devices=0).device
+        device(type='cpu')
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    environ = os.environ if environ is None else environ
+    if cuda_devices is None:
+        cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    use_cuda = cuda_devices > 0 if device == "auto" else device == "cuda"
+    if use_cuda and cuda_devices == 0:
+        raise ValueError("device is 'cuda' but torch.cuda.is_available() is False")
+    world_size = int(environ.get("WORLD_SIZE", "1"))
+    local_rank = int(environ.get("LOCAL_RANK", "0"))
+    if use_cuda and not 0 <= local_rank < cuda_devices:
+        raise ValueError(
+            f"LOCAL_RANK is {local_rank} but {cuda_devices} CUDA device(s) are visible: start at "
+            "most one process per GPU (torchrun --nproc_per_node)"
+        )
+    backend = None if world_size == 1 else ("nccl" if use_cuda else "gloo")
+    target = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return DistributedPlan(world_size, local_rank, backend, target)
+
+
 def init_distributed(device: str = "auto") -> DistributedContext:
     """Join the process group that ``torchrun`` describes in the environment, if any.
 
-    Uses NCCL on GPUs and gloo on CPU. Without ``WORLD_SIZE`` > 1 in the environment nothing is
-    initialised and a single-process context is returned.
+    Uses NCCL on GPUs and gloo on CPU (see :func:`distributed_plan`); on a GPU the process's
+    device is made current before the process group starts, so NCCL binds to it. Without
+    ``WORLD_SIZE`` > 1 in the environment nothing is initialised and a single-process context is
+    returned.
 
     Args:
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
     """
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError("device is 'cuda' but torch.cuda.is_available() is False")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    plan = distributed_plan(device)
+    if plan.device.type == "cuda":
+        torch.cuda.set_device(plan.device)
+    if plan.backend is not None and not dist.is_initialized():
+        if plan.backend == "nccl":
+            dist.init_process_group(backend=plan.backend, device_id=plan.device)
+        else:
+            dist.init_process_group(backend=plan.backend)
     rank, world_size = _context()
-    if world_size > 1 and not use_cuda:
+    if world_size > 1 and plan.device.type == "cpu":
         # Processes sharing one machine must share its cores. Numba's thread pool (the CPU
         # kernel) would otherwise start one thread per core and, sharing the OpenMP runtime,
         # raise PyTorch's thread count with it; NUMBA_NUM_THREADS is read when Numba loads.
@@ -171,10 +236,23 @@ def init_distributed(device: str = "auto") -> DistributedContext:
         threads = int(os.environ.get("OMP_NUM_THREADS", default))
         os.environ.setdefault("NUMBA_NUM_THREADS", str(threads))
         torch.set_num_threads(threads)
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        return DistributedContext(rank, world_size, torch.device("cuda", local_rank))
-    return DistributedContext(rank, world_size, torch.device("cpu"))
+    return DistributedContext(rank, world_size, plan.device)
+
+
+def every_process_ok(ok: bool, context: DistributedContext) -> bool:
+    """Whether ``ok`` holds on every process (a collective: every process must call it).
+
+    The flag travels in a tensor on ``context.device``, the only place NCCL can move it.
+
+    Example:
+        >>> every_process_ok(False, DistributedContext())
+        False
+    """
+    if context.world_size == 1:
+        return ok
+    flag = torch.tensor([0 if ok else 1], device=context.device)
+    dist.all_reduce(flag)
+    return int(flag.item()) == 0
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -236,6 +314,36 @@ def _train_mode(model: nn.Module, trainable: str) -> None:
                 m.eval()
 
 
+def optimizer_and_schedule(
+    model: nn.Module, config: TrainConfig, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW over ``model``'s trainable parameters (offset branches at ``offset_lr_mult``) and
+    its schedule: linear warm-up over the first tenth of the steps (at most an epoch), then
+    cosine decay to zero; call the scheduler's ``step`` after every optimiser step.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 1)
+        >>> optimizer, scheduler = optimizer_and_schedule(net, TrainConfig(epochs=2, lr=0.1), 10)
+        >>> round(scheduler.get_last_lr()[0], 3)
+        0.05
+    """
+    groups = offset_param_groups(
+        model, config.lr, config.offset_lr_mult, weight_decay=config.weight_decay
+    )
+    groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    total = steps_per_epoch * config.epochs
+    warmup = min(steps_per_epoch, max(total // 10, 1))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
 def _sync_buffers(model: nn.Module, world_size: int) -> None:
     if world_size > 1:
         for buffer in model.buffers():
@@ -247,7 +355,7 @@ def train(
     train_split: Split,
     val_split: Split,
     config: TrainConfig,
-    deformation: Deformation | None = None,
+    augmentation: Augmentation | None = None,
     task: str = "train",
     progress: ProgressCallback | None = None,
 ) -> TrainResult:
@@ -255,11 +363,13 @@ def train(
 
     Args:
         model: the network, already on its device.
-        train_split: training images; with ``deformation`` every epoch draws fresh random
-            deformations of them (the same on every process).
+        train_split: training images; with ``augmentation`` every epoch draws fresh random
+            deformations or occlusions of them (the same on every process).
         val_split: images for model selection (never the test split).
         config: the schedule.
-        deformation: random deformation applied to training images, or ``None``.
+        augmentation: random change applied to training images (a
+            :class:`~deformconv.demo.data.Deformation` or
+            :class:`~deformconv.demo.occlusion.Occlusion`), or ``None``.
         task: name passed to ``progress``.
         progress: called after every optimisation step (on every process; the caller decides
             which one displays).
@@ -279,23 +389,10 @@ def train(
     rank, world_size = _context()
     device = next(model.parameters()).device
     _set_trainable(model, config.trainable)
-    groups = offset_param_groups(
-        model, config.lr, config.offset_lr_mult, weight_decay=config.weight_decay
-    )
-    groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
-    groups = [g for g in groups if g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=config.lr)
     n = len(train_split)
     steps_per_epoch = math.ceil(n / config.batch_size)
     total = steps_per_epoch * config.epochs
-    warmup = min(steps_per_epoch, max(total // 10, 1))
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    optimizer, scheduler = optimizer_and_schedule(model, config, steps_per_epoch)
     if world_size > 1:
         ddp_model: nn.Module = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
@@ -311,8 +408,8 @@ def train(
         generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         order = torch.randperm(n, generator=generator)
         images = train_split.images[order]
-        if deformation is not None:
-            images, _ = deform(images, deformation, generator)
+        if augmentation is not None:
+            images = augmentation.apply(images, generator)
         labels = train_split.labels[order]
         _train_mode(model, config.trainable)
         loss_sum = correct = seen = 0.0
