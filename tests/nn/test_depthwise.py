@@ -126,6 +126,10 @@ def test_repr_shows_non_default_arguments():
         ),
         ({"padding": -1}, ValueError, r"padding must be >= 0, got -1"),
         ({"stride": 0}, ValueError, r"stride must be >= 1, got 0"),
+        # bool subclasses int, but True for a size is a slip: refused (deformconv._validation)
+        ({"in_channels": True}, TypeError, "in_channels must be an int, got bool True"),
+        ({"stride": (1, False)}, TypeError, r"stride must be an int or a pair of ints"),
+        ({"depth_multiplier": 2.0}, TypeError, "depth_multiplier must be an int, got float"),
     ],
 )
 def test_constructor_errors(kwargs, error, message):

@@ -197,7 +197,7 @@ def test_repr():
         (
             lambda: SpatiallySeparableConv2d(3, 4, 3, mid_channels=0),
             ValueError,
-            "mid_channels must be a positive int or None, got 0",
+            "mid_channels must be a positive int, got 0",
         ),
         (
             lambda: SpatiallySeparableConv2d(-3, 4, 3),

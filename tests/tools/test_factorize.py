@@ -1,5 +1,6 @@
-"""Separable approximations of trained convolutions and whole models (deformconv.tools.factorize),
-checked against the original layers, NumPy's SVD, FlopCounterMode and the arithmetic tool."""
+"""Separable approximations of trained convolutions and whole models (deformconv.tools.factorize
+and deformconv.tools.model_factorization), checked against the original layers, NumPy's SVD,
+FlopCounterMode and the arithmetic tool."""
 
 from __future__ import annotations
 
@@ -13,18 +14,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from deformconv.nn.separable import SeparableConv2d
 from deformconv.nn.spatial import SpatiallySeparableConv2d
-from deformconv.tools.arithmetic import conv_cost, spec_from_module
+from deformconv.tools.arithmetic import conv_cost
 from deformconv.tools.factorize import (
-    conv_layers,
     factorize_conv,
-    factorize_layers,
-    factorize_model,
     full_rank,
-    load_model,
     rank_errors,
     to_depthwise_separable,
     to_spatially_separable,
 )
+from deformconv.tools.model_factorization import conv_layers, factorize_layers, factorize_model
+from deformconv.tools.module_spec import spec_from_module
 
 LAYERS = [
     {"kernel_size": 3},
@@ -376,7 +375,7 @@ def test_torchscript_layers_are_analysed_one_by_one(tmp_path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.save(torch.jit.script(model), tmp_path / "model.ts")
-        loaded = load_model(tmp_path / "model.ts")
+        loaded = torch.jit.load(tmp_path / "model.ts")
     assert isinstance(loaded, torch.jit.ScriptModule)
     layers = conv_layers(loaded)
     assert [name for name, _ in layers] == ["0", "2", "4", "6", "7"]
@@ -388,22 +387,3 @@ def test_torchscript_layers_are_analysed_one_by_one(tmp_path) -> None:
     reports = factorize_layers(loaded, max_error=0.05, generator=torch.Generator().manual_seed(0))
     assert [r.method is not None for r in reports] == [False, True, True, False, False]
     assert all(r.output_error <= 0.05 for r in reports)
-
-
-def test_load_model(tmp_path) -> None:
-    model = _low_rank_cnn()
-    torch.save(model, tmp_path / "full.pt")
-    assert isinstance(load_model(tmp_path / "full.pt"), nn.Sequential)
-    torch.save(model.state_dict(), tmp_path / "weights.pt")
-    with pytest.raises(ValueError, match=r"holds a dict \(a state_dict\?\), not a model"):
-        load_model(tmp_path / "weights.pt")
-    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
-    with pytest.raises(ValueError, match=r"holds a Tensor, not an nn\.Module"):
-        load_model(tmp_path / "tensor.pt")
-    (tmp_path / "junk.pt").write_text("not a model")
-    with pytest.raises(
-        ValueError, match=r"could not be loaded as a TorchScript or torch\.save file"
-    ):
-        load_model(tmp_path / "junk.pt")
-    with pytest.raises(ValueError, match="does not exist"):
-        load_model(tmp_path / "missing.pt")

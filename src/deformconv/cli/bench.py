@@ -9,7 +9,7 @@ process. Offsets are ``randn * 2`` and the mask ``sigmoid(randn)``, as in the pr
 from __future__ import annotations
 
 import argparse
-import re
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_PAIR = re.compile(r"^(\d+)(?:x(\d+))?$")
+from deformconv.cli._common import first_line, parse_pair, print_error
+
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
@@ -109,9 +110,29 @@ def _settle_allocator() -> None:
     del block
 
 
-def _median_ms(fn: Callable[[], object], min_run_time: float) -> float:
-    from torch.utils.benchmark import Timer
+class _NoCudaRuntimeFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
 
+
+def _timer() -> type:
+    """``torch.utils.benchmark.Timer``, imported without the "No CUDA runtime is found" line.
+
+    That module imports ``torch.utils.cpp_extension``, which logs the line on every machine
+    without CUDA; it concerns building C++ extensions, which nothing here does.
+    """
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    quiet = _NoCudaRuntimeFilter()
+    logger.addFilter(quiet)
+    try:
+        from torch.utils.benchmark import Timer
+    finally:
+        logger.removeFilter(quiet)
+    return Timer
+
+
+def _median_ms(fn: Callable[[], object], min_run_time: float) -> float:
+    Timer = _timer()
     fn()
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
@@ -173,11 +194,10 @@ def benchmark(cfg: BenchConfig, min_run_time: float = 0.5, backward: bool = True
 
 
 def _pair(text: str) -> tuple[int, int]:
-    match = _PAIR.match(text)
-    if not match:
+    pair = parse_pair(text)
+    if pair is None:
         raise argparse.ArgumentTypeError(f"expected N or HxW (e.g. 3 or 3x5), got {text!r}")
-    first = int(match.group(1))
-    return first, int(match.group(2) or first)
+    return pair
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -233,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         rows = benchmark(cfg, args.min_run_time, backward=not args.forward_only)
     except (ValueError, TypeError, RuntimeError) as error:
-        console.print(f"[red]error:[/red] {error}")
+        print_error("bench", first_line(error))
         return 2
     from deformconv.ops import active_kernel
 

@@ -2,7 +2,11 @@
 
 One type describes that layer step by step; several types are compared side by side on the same
 input. Shared options apply to every listed type they make sense for; ``TYPE:key=value,...``
-sets options for one type only (``conv:groups=4``, ``spatial:per-channel=yes``).
+sets options for one type only (``conv:groups=4``, ``spatial:per-channel=yes``). A model file
+instead of types gets one row per layer, as :func:`deformconv.tools.model_cost` counts them
+(see :mod:`deformconv.cli._cost_model`).
+
+Exit codes: 0 success; 2 invalid arguments or inputs.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import re
 import sys
 from typing import Any
 
-from deformconv.tools.arithmetic import ConvCost, ConvSpec, conv_cost
+from deformconv.cli._common import parse_pair, print_error
+from deformconv.cli._models import is_model_path
+from deformconv.tools.arithmetic import ConvCost, conv_cost
+from deformconv.tools.conv_spec import ConvSpec
 
 # CLI type -> (ConvSpec kind, fixed fields).
 _TYPES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -29,7 +36,6 @@ _TYPES: dict[str, tuple[str, dict[str, Any]]] = {
     "deformable-v2": ("deformable", {"modulated": True}),
     "deformable-separable": ("deformable_separable", {}),
 }
-_PAIR = re.compile(r"^(\d+)(?:x(\d+))?$")
 _BOOLS = {"1": True, "yes": True, "true": True, "0": False, "no": False, "false": False}
 # The ConvSpec fields each kind accepts besides the common ones.
 _KIND_FIELDS: dict[str, tuple[str, ...]] = {
@@ -62,11 +68,10 @@ class CostError(ValueError):
 
 
 def _pair_text(text: str, option: str) -> tuple[int, int]:
-    match = _PAIR.match(text.strip())
-    if not match:
+    pair = parse_pair(text)
+    if pair is None:
         raise CostError(f"{option} must be N or HxW with non-negative integers, got {text!r}")
-    first = int(match.group(1))
-    return first, int(match.group(2)) if match.group(2) else first
+    return pair
 
 
 def _int_text(text: str, option: str) -> int:
@@ -107,28 +112,34 @@ _OPTIONS: dict[str, tuple[str, Any]] = {
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "cost",
-        help="output size, parameters and multiply-accumulates of convolution layers",
+        help="output size, parameters and multiply-accumulates of convolution layers or models",
         description="Describe one convolution layer step by step, or compare several types "
         "on the same input. TYPE is one of: " + ", ".join(_TYPES) + ". Options apply to every "
         "TYPE they make sense for; TYPE:key=value[,key=value] sets options for one type only "
-        "(keys: " + ", ".join(_OPTIONS) + "). MACs are multiply-accumulates (= multiplications; "
-        "bias additions not counted).",
-        epilog="example: deformconv cost conv separable --input 12x12x3 --out 256 --kernel 5",
+        "(keys: " + ", ".join(_OPTIONS) + "). Or give one model file (TorchScript is not "
+        "supported; torch.save(model) with --trust-pickle) for a table of its layers. MACs are "
+        "multiply-accumulates (= multiplications; bias additions not counted).",
+        epilog="examples: deformconv cost conv separable --input 12x12x3 --out 256 --kernel 5; "
+        "deformconv cost model.pt --input 32x32x3 --trust-pickle",
     )
-    parser.add_argument("types", nargs="+", metavar="TYPE", help="layer type(s) to describe")
+    parser.add_argument(
+        "types",
+        nargs="+",
+        metavar="TYPE|MODEL",
+        help="layer type(s) to describe, or one model file",
+    )
     parser.add_argument(
         "--input", required=True, metavar="HxWxC", help="input height x width x channels"
     )
     parser.add_argument("--out", metavar="N", help="output channels (not for depthwise)")
-    parser.add_argument("--kernel", default="3", metavar="K|HxW", help="kernel size (default 3)")
-    parser.add_argument("--stride", default="1", metavar="S|HxW", help="stride (default 1)")
+    parser.add_argument("--kernel", metavar="K|HxW", help="kernel size (default 3)")
+    parser.add_argument("--stride", metavar="S|HxW", help="stride (default 1)")
     parser.add_argument(
         "--padding",
-        default="0",
         metavar="P|HxW|same|valid",
         help="zeros on each side, or 'same' (TensorFlow's rule) / 'valid' (default 0)",
     )
-    parser.add_argument("--dilation", default="1", metavar="D|HxW", help="dilation (default 1)")
+    parser.add_argument("--dilation", metavar="D|HxW", help="dilation (default 1)")
     parser.add_argument(
         "--groups", metavar="G", help="channel groups (conv, transposed, deformable)"
     )
@@ -146,7 +157,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-bias", action="store_true", help="layers without bias")
     parser.add_argument("--batch", type=int, default=1, metavar="B", help="batch size (default 1)")
     parser.add_argument(
-        "--bytes", type=int, default=4, metavar="N", help="bytes per activation value (default 4)"
+        "--bytes", type=int, metavar="N", help="bytes per activation value (default 4)"
+    )
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load a torch.save(model) file, which runs code stored in it: only for files you "
+        "trust",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.set_defaults(func=run)
@@ -206,18 +223,32 @@ def _spec(token: str, input_channels: int, shared: dict[str, Any]) -> ConvSpec:
     return spec
 
 
-def _input_text(text: str) -> tuple[int, int, int]:
+def input_text(text: str) -> tuple[int, int, int]:
+    """``--input HxWxC`` as ``(height, width, channels)``, each at least 1."""
     match = re.match(r"^(\d+)x(\d+)x(\d+)$", text.strip())
-    if not match:
+    if not match or min(int(v) for v in match.groups()) < 1:
         raise CostError(
-            f"--input must be HEIGHTxWIDTHxCHANNELS (e.g. 12x12x3, as in the notes), got {text!r}"
+            f"--input must be HEIGHTxWIDTHxCHANNELS of positive ints (e.g. 12x12x3), got {text!r}"
         )
     return int(match.group(1)), int(match.group(2)), int(match.group(3))
 
 
+def layer_options(args: argparse.Namespace) -> list[str]:
+    """The layer options given on the command line, as typed (``--kernel``, ``--no-bias``)."""
+    given = [f"--{option}" for option in _SHARED if getattr(args, option.replace("-", "_"))]
+    given += [
+        flag
+        for flag, on in (("--per-channel", args.per_channel), ("--no-bias", args.no_bias))
+        if on
+    ]
+    return given + (["--bytes"] if args.bytes is not None else [])
+
+
 def costs(args: argparse.Namespace) -> list[tuple[str, ConvCost]]:
     """``(TYPE, cost)`` for every listed type; raises :class:`CostError` on a bad description."""
-    height, width, channels = _input_text(args.input)
+    height, width, channels = input_text(args.input)
+    if args.bytes is None:
+        args.bytes = 4
     for option in ("batch", "bytes"):
         if getattr(args, option) < 1:
             raise CostError(f"--{option} must be >= 1, got {getattr(args, option)}")
@@ -262,15 +293,17 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    if len(args.types) == 1 and args.types[0] not in _TYPES and is_model_path(args.types[0]):
+        from deformconv.cli._cost_model import run_model
+
+        return run_model(args)
     try:
         results = costs(args)
     except CostError as exc:
-        Console(stderr=True, highlight=False, soft_wrap=True).print(
-            f"[red]deformconv cost: error:[/red] {exc}"
-        )
+        print_error("cost", str(exc))
         return 2
     if args.json:
-        h, w, c = _input_text(args.input)
+        h, w, c = input_text(args.input)
         document = {
             "input": {"height": h, "width": w, "channels": c, "batch": args.batch},
             "results": [{"type": token, **cost.to_dict()} for token, cost in results],

@@ -1,7 +1,11 @@
 """``deformconv factor``: separability of a kernel, or separable approximations of a model.
 
 The one argument is a kernel name (``sobel``, ``laplacian``, ``gaussian``...), a kernel typed
-inline (``"1 2 1; 2 4 2; 1 2 1"``) or a model file (``torch.save(model)`` or TorchScript).
+inline (``"1 2 1; 2 4 2; 1 2 1"``) or a model file (TorchScript, or ``torch.save(model)`` with
+``--trust-pickle``). ``--output`` is checked before any work and written atomically.
+
+Exit codes: 0 success; 2 invalid arguments or inputs (a kernel or model that does not load, an
+option out of range, an ``--output`` that cannot be written).
 """
 
 from __future__ import annotations
@@ -11,24 +15,30 @@ import json
 import re
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from deformconv.tools.factorize import (
+from deformconv.cli._common import print_error, print_warning
+from deformconv.cli._files import OutputError, atomic_path, check_destination
+from deformconv.cli._models import (
+    PICKLE_WARNING,
+    ModelFileError,
+    describe,
+    is_model_path,
+    load_model,
+)
+from deformconv.tools.kernels import kernel_names, named_kernel, parse_kernel
+from deformconv.tools.model_factorization import (
     LayerReport,
     ModelFactorization,
     conv_layers,
     factorize_layers,
     factorize_model,
-    load_model,
 )
-from deformconv.tools.kernels import kernel_names, named_kernel, parse_kernel
 from deformconv.tools.separability import KernelFactorization, factorize_kernel
 
-_MODEL_SUFFIXES = (".pt", ".pth", ".ts", ".jit", ".pkl")
 _DEFAULT_MAX_ERROR = 0.05
 _RANDOM_SIZE = 32
 
@@ -56,15 +66,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Test a 2-D kernel for separability (rank, exact 1-D factors, best "
         "r-term approximations), or replace the nn.Conv2d layers of a saved model by spatially "
         "separable (k x 1 then 1 x k) or depthwise separable approximations within an error "
-        "bound or a parameter budget. Loading a torch.save file runs code stored in it: only "
-        "load files you trust.",
+        "bound or a parameter budget. Loading a torch.save(model) file runs code stored in it, "
+        "so it needs --trust-pickle.",
     )
     parser.add_argument(
         "target",
         metavar="KERNEL_OR_MODEL",
         help=f"a kernel name ({', '.join(kernel_names())}), a kernel inline "
         "('1 2 1; 2 4 2; 1 2 1', '[[1, 0], [0, 1]]', fractions such as 1/16 allowed) or a "
-        "model file saved with torch.save(model) or torch.jit.save",
+        "model file saved with torch.jit.save or (with --trust-pickle) torch.save(model)",
     )
     kernel = parser.add_argument_group("kernels")
     kernel.add_argument("--size", type=int, help="size of a named kernel (default 3; 5 for log)")
@@ -94,7 +104,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--budget",
         metavar="N|P%",
         help="bound on the converted model's parameters: a count, or a percentage of the "
-        "original's",
+        "original's, in (0, 100%%]",
     )
     model.add_argument(
         "--inputs",
@@ -111,16 +121,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument(
         "--output", metavar="FILE", help="save the converted model here with torch.save(model)"
     )
+    model.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load a torch.save(model) file, which runs code stored in it: only for files you "
+        "trust (TorchScript files need no trust)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.set_defaults(func=run)
-
-
-def _is_model_path(target: str) -> bool:
-    """A model file: an existing file, a model suffix, or a path-like name (letters and a
-    slash, which no kernel has)."""
-    text = target.strip()
-    path_like = re.search(r"[A-Za-z]", text) is not None and re.search(r"[/\\]", text) is not None
-    return Path(text).is_file() or text.lower().endswith(_MODEL_SUFFIXES) or path_like
 
 
 def _kernel(args: argparse.Namespace) -> tuple[str, KernelFactorization]:
@@ -150,6 +158,7 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def _budget(text: str | None, model: nn.Module) -> int | None:
+    """``--budget`` as a parameter count in ``(0, the model's parameters]``."""
     if text is None:
         return None
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(%?)\s*", text)
@@ -157,10 +166,18 @@ def _budget(text: str | None, model: nn.Module) -> int | None:
         raise FactorError(
             f"--budget must be a parameter count or a percentage like 50%, got {text!r}"
         )
+    total = sum(p.numel() for p in model.parameters())
+    value = float(match.group(1))
     if match.group(2):
-        total = sum(p.numel() for p in model.parameters())
-        return max(1, int(total * float(match.group(1)) / 100))
-    return int(match.group(1))
+        if not 0 < value <= 100:
+            raise FactorError(f"--budget must be a percentage in (0, 100%], got {text.strip()}")
+        return max(1, int(total * value / 100))
+    if not 0 < value <= total:
+        raise FactorError(
+            f"--budget must be a parameter count in [1, {total:,}] (the model's parameters), "
+            f"got {int(value):,}"
+        )
+    return int(value)
 
 
 def _batch(args: argparse.Namespace, model: nn.Module) -> tuple[torch.Tensor, str]:
@@ -172,7 +189,7 @@ def _batch(args: argparse.Namespace, model: nn.Module) -> tuple[torch.Tensor, st
         except Exception as exc:
             raise FactorError(f"--inputs {args.inputs!r} could not be loaded: {exc}") from None
         if not isinstance(batch, torch.Tensor) or batch.dim() != 4:
-            raise FactorError(f"--inputs must hold one (B, C, H, W) tensor, got {_describe(batch)}")
+            raise FactorError(f"--inputs must hold one (B, C, H, W) tensor, got {describe(batch)}")
         return batch, f"the batch in {args.inputs}"
     if args.input_shape is not None:
         shape = _shape(args.input_shape)
@@ -188,17 +205,15 @@ def _batch(args: argparse.Namespace, model: nn.Module) -> tuple[torch.Tensor, st
     return batch, f"a random normal batch of shape {shape} (seed {args.seed})"
 
 
-def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    return f"a {type(value).__name__}"
-
-
 def _model(args: argparse.Namespace) -> _ModelRun:
+    if args.output is not None:
+        check_destination(args.output, "--output")
     try:
-        model = load_model(args.target)
-    except ValueError as exc:
+        model, kind = load_model(args.target, trust_pickle=args.trust_pickle)
+    except ModelFileError as exc:
         raise FactorError(str(exc)) from None
+    if kind == "pickle":
+        print_warning("factor", PICKLE_WARNING.format(path=args.target))
     budget = _budget(args.budget, model)
     max_error = args.max_error
     if max_error is None and budget is None:
@@ -227,7 +242,8 @@ def _model(args: argparse.Namespace) -> _ModelRun:
         except (TypeError, ValueError) as exc:
             raise FactorError(str(exc)) from None
     if args.output is not None:
-        torch.save(result.model, args.output)
+        with atomic_path(args.output) as temporary:
+            torch.save(result.model, temporary)
     return _ModelRun(result.layers, max_error, budget, result, source)
 
 
@@ -386,14 +402,12 @@ def _print_model(run: _ModelRun, args: argparse.Namespace) -> None:
     )
     console.print(f"model output relative error on the batch: {result.output_error:.3g}")
     if args.output is not None:
-        console.print(f"converted model saved to {args.output}")
+        console.print(f"converted model saved to {args.output}", markup=False, soft_wrap=True)
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     try:
-        if _is_model_path(args.target):
+        if is_model_path(args.target):
             model_run = _model(args)
             if args.json:
                 sys.stdout.write(json.dumps(_model_json(model_run), indent=2) + "\n")
@@ -401,8 +415,8 @@ def run(args: argparse.Namespace) -> int:
                 _print_model(model_run, args)
             return 0
         label, kernel = _kernel(args)
-    except FactorError as exc:
-        Console(stderr=True, highlight=False).print(f"[red]deformconv factor: error:[/red] {exc}")
+    except (FactorError, OutputError) as exc:
+        print_error("factor", str(exc))
         return 2
     if args.json:
         sys.stdout.write(json.dumps({"kernel_name": label, **kernel.to_dict()}, indent=2) + "\n")

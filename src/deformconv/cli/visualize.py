@@ -2,8 +2,9 @@
 
 The model is one that ``deformconv demo`` saved (``p1_deformable.pt``, ``p2_deformable.pt``).
 The image is converted to grey, padded to a square, resized to the model's input size and, when
-it shows a dark digit on a light background, inverted. The figure is written to a temporary file
-beside the target and renamed into place, so a failure leaves nothing half-written.
+it shows a dark digit on a light background, inverted. The destinations are checked before any
+work; each figure is written to a temporary file beside its target (with the user's umask) and
+renamed into place, so a failure leaves nothing half-written.
 
 Exit codes: 0 success; 2 invalid arguments or inputs (missing or unreadable image or model,
 a model without deformable layers, an output path that cannot be written); 3 a missing optional
@@ -13,10 +14,12 @@ dependency.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
-import os
-import tempfile
 from pathlib import Path
+
+from deformconv.cli._common import print_error
+from deformconv.cli._files import OutputError, atomic_path, check_destination
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -82,26 +85,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _save_atomically(figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(handle)
-    try:
-        figure.savefig(temporary, dpi=100)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.markup import escape
-
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
 
     def fail(message: str, code: int = EXIT_USAGE) -> int:
-        err.print(f"[red]deformconv visualize: error:[/red] {escape(message)}")
+        print_error("visualize", message)
         return code
 
     missing = [name for name in ("matplotlib", "PIL") if importlib.util.find_spec(name) is None]
@@ -122,13 +110,25 @@ def run(args: argparse.Namespace) -> int:
         sampling_figure,
     )
 
+    out = Path(args.out) if args.out else Path(f"{Path(args.image).stem}_sampling.png")
+    field = Path(args.field) if args.field else None
+    try:
+        check_destination(out, "--out")
+        if field is not None:
+            check_destination(field, "--field")
+    except OutputError as exc:
+        return fail(str(exc))
     model_path = Path(args.model)
     if not model_path.is_file():
         return fail(f"model {model_path} does not exist or is not a file")
     try:
         model = load_checkpoint(model_path)
-    except ValueError as exc:
-        return fail(str(exc))
+    except ValueError:
+        return fail(
+            f"--model {model_path} is not a model saved by `deformconv demo`: give one of the "
+            "deformable models it writes (p1_deformable.pt or p2_deformable.pt in its output "
+            "folder, deformconv-out/demo/ by default)"
+        )
     deformable = sum(hasattr(conv, "conv_offset") for conv in model.convs)
     if deformable == 0:
         return fail(f"model {model_path} has no deformable layers: nothing to visualise")
@@ -159,32 +159,32 @@ def run(args: argparse.Namespace) -> int:
     title = f"predicted {predicted} ({100 * float(probabilities[predicted]):.0f}%)"
     example = SamplingExample(image[0], stack, positions, title, names)
 
-    out = Path(args.out) if args.out else Path(f"{Path(args.image).stem}_sampling.png")
-    written = []
+    figures = [
+        (
+            out,
+            sampling_figure(
+                [example],
+                depth=deformable,
+                title=f"{Path(args.image).name}: points sampled through {deformable} "
+                "deformable layers",
+            ),
+        )
+    ]
+    if field is not None:
+        figures.append((field, offset_field_figure([example], title=Path(args.image).name)))
     try:
-        figure = sampling_figure(
-            [example],
-            depth=deformable,
-            title=f"{Path(args.image).name}: points sampled through {deformable} deformable layers",
-        )
-        _save_atomically(figure, out)
-        written.append(out)
-        if args.field:
-            field = Path(args.field)
-            _save_atomically(offset_field_figure([example], title=Path(args.image).name), field)
-            written.append(field)
-    except OSError as exc:
-        for path in written:
-            path.unlink(missing_ok=True)
-        return fail(
-            f"cannot write the figures ({out}{', ' + args.field if args.field else ''}): {exc}"
-        )
+        # Every figure goes to its temporary file first: both are replaced, or neither.
+        with contextlib.ExitStack() as pending:
+            for path, figure in figures:
+                figure.savefig(pending.enter_context(atomic_path(path)), dpi=100, format="png")
+    except OutputError as exc:
+        return fail(str(exc))
     console = Console(highlight=False)
     console.print(
         f"{Path(args.image).name}: predicted {predicted} "
         f"(probability {float(probabilities[predicted]):.2f})",
         markup=False,
     )
-    for path in written:
-        console.print(f"wrote {path}", markup=False)
+    for path, _ in figures:
+        console.print(f"wrote {path}", markup=False, soft_wrap=True)
     return EXIT_OK

@@ -23,30 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deformconv._validation import check_int, padding_pair, to_pair
+
 __all__ = ["DepthwiseConv2d", "pad_same", "same_padding"]
 
 PaddingArg = int | tuple[int, int] | str
-
-
-def _pair(value: int | tuple[int, int], name: str, minimum: int) -> tuple[int, int]:
-    """``value`` as a checked ``(height, width)`` pair of ints no smaller than ``minimum``."""
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if min(pair) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return pair  # type: ignore[return-value]
-
-
-def _padding(value: PaddingArg) -> tuple[int, int] | str:
-    """``value`` as a pair of non-negative ints, or ``"same"``; ``"valid"`` becomes ``(0, 0)``."""
-    if isinstance(value, str):
-        if value not in ("same", "valid"):
-            raise ValueError(
-                f"padding must be an int, a pair of ints, 'same' or 'valid', got {value!r}"
-            )
-        return (0, 0) if value == "valid" else "same"
-    return _pair(value, "padding", 0)
 
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -57,6 +38,20 @@ def _pad_mode(padding_mode: str) -> str:
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
     return "constant" if padding_mode == "zeros" else padding_mode
+
+
+def _geometry_repr(
+    stride: tuple[int, int], padding: tuple[int, int] | str, dilation: tuple[int, int]
+) -> list[str]:
+    """The ``extra_repr`` parts of the stride, padding and dilation that are not the default."""
+    parts = []
+    if stride != (1, 1):
+        parts.append(f"stride={stride}")
+    if padding != (0, 0):
+        parts.append(f"padding={padding!r}")
+    if dilation != (1, 1):
+        parts.append(f"dilation={dilation}")
+    return parts
 
 
 def same_padding(
@@ -122,8 +117,8 @@ def pad_same(
         torch.Size([1, 1, 16, 14])
     """
     mode = _pad_mode(padding_mode)
-    (kh, kw), (sh, sw) = _pair(kernel_size, "kernel_size", 1), _pair(stride, "stride", 1)
-    dh, dw = _pair(dilation, "dilation", 1)
+    (kh, kw), (sh, sw) = to_pair(kernel_size, "kernel_size", 1), to_pair(stride, "stride", 1)
+    dh, dw = to_pair(dilation, "dilation", 1)
     top, bottom = same_padding(input.shape[-2], kh, sh, dh)
     left, right = same_padding(input.shape[-1], kw, sw, dw)
     if top == bottom == left == right == 0:
@@ -182,18 +177,16 @@ class DepthwiseConv2d(nn.Conv2d):
         dtype: torch.dtype | None = None,
     ) -> None:
         _pad_mode(padding_mode)
-        if not isinstance(in_channels, int) or in_channels < 1:
-            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
-        if not isinstance(depth_multiplier, int) or depth_multiplier < 1:
-            raise ValueError(f"depth_multiplier must be a positive int, got {depth_multiplier!r}")
-        pad = _padding(padding)
+        check_int(in_channels, "in_channels")
+        check_int(depth_multiplier, "depth_multiplier")
+        pad = padding_pair(padding)
         super().__init__(
             in_channels,
             in_channels * depth_multiplier,
-            _pair(kernel_size, "kernel_size", 1),
-            stride=_pair(stride, "stride", 1),
+            to_pair(kernel_size, "kernel_size", 1),
+            stride=to_pair(stride, "stride", 1),
             padding=(0, 0) if pad == "same" else pad,
-            dilation=_pair(dilation, "dilation", 1),
+            dilation=to_pair(dilation, "dilation", 1),
             groups=in_channels,
             bias=bias,
             padding_mode=padding_mode,
@@ -215,12 +208,7 @@ class DepthwiseConv2d(nn.Conv2d):
         parts = [f"{self.in_channels}", f"kernel_size={self.kernel_size}"]
         if self.depth_multiplier != 1:
             parts.append(f"depth_multiplier={self.depth_multiplier}")
-        if self.stride != (1, 1):
-            parts.append(f"stride={self.stride}")
-        if self.padding != (0, 0):
-            parts.append(f"padding={self.padding!r}")
-        if self.dilation != (1, 1):
-            parts.append(f"dilation={self.dilation}")
+        parts += _geometry_repr(self.stride, self.padding, self.dilation)
         if self.bias is None:
             parts.append("bias=False")
         if self.padding_mode != "zeros":

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from deformconv._validation import check_int, to_pair
 from deformconv.nn.deform_conv import DeformableConv2d
-from deformconv.nn.depthwise import DepthwiseConv2d, PaddingArg, _pair
+from deformconv.nn.depthwise import DepthwiseConv2d, PaddingArg
 
 __all__ = ["DeformableSeparableConv2d", "SeparableConv2d"]
 
@@ -30,16 +31,28 @@ ArrayLike = Tensor | np.ndarray | Sequence
 
 
 def _check_channels(in_channels: int, out_channels: int, depth_multiplier: int) -> None:
-    for name, value in (
-        ("in_channels", in_channels),
-        ("out_channels", out_channels),
-        ("depth_multiplier", depth_multiplier),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_int(in_channels, "in_channels")
+    check_int(out_channels, "out_channels")
+    check_int(depth_multiplier, "depth_multiplier")
 
 
-class SeparableConv2d(nn.Module):
+class _DepthwisePointwise(nn.Module):
+    """What both separable layers share: a ``depthwise`` step, then a ``pointwise`` one."""
+
+    @property
+    def in_channels(self) -> int:
+        return self.depthwise.in_channels  # type: ignore[return-value]
+
+    @property
+    def out_channels(self) -> int:
+        return self.pointwise.out_channels  # type: ignore[return-value]
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Convolve ``Tensor[B, C, H, W]`` into ``Tensor[B, out_channels, H_out, W_out]``."""
+        return self.pointwise(self.depthwise(input))
+
+
+class SeparableConv2d(_DepthwisePointwise):
     """Depthwise separable 2-D convolution with the semantics of Keras ``SeparableConv2D``.
 
     ``depthwise`` (a :class:`~deformconv.nn.depthwise.DepthwiseConv2d` without bias) turns ``C``
@@ -105,24 +118,12 @@ class SeparableConv2d(nn.Module):
         )
 
     @property
-    def in_channels(self) -> int:
-        return self.depthwise.in_channels
-
-    @property
-    def out_channels(self) -> int:
-        return self.pointwise.out_channels
-
-    @property
     def depth_multiplier(self) -> int:
         return self.depthwise.depth_multiplier
 
     @property
     def padding_mode(self) -> str:
         return self.depthwise.padding_mode
-
-    def forward(self, input: Tensor) -> Tensor:
-        """Convolve ``Tensor[B, C, H, W]`` into ``Tensor[B, out_channels, H_out, W_out]``."""
-        return self.pointwise(self.depthwise(input))
 
     @torch.no_grad()
     def load_keras_weights(
@@ -192,7 +193,9 @@ class SeparableConv2d(nn.Module):
             depthwise_kernel: ``[kh, kw, C, depth_multiplier]``.
             pointwise_kernel: ``[1, 1, C * depth_multiplier, out_channels]``.
             bias: ``[out_channels]`` or ``None`` for a layer without bias.
-            stride, padding, dilation: as in the constructor.
+            stride: as in the constructor.
+            padding: as in the constructor.
+            dilation: as in the constructor.
             dtype: dtype of the layer's parameters (default: torch's default dtype).
 
         Example:
@@ -230,7 +233,7 @@ class SeparableConv2d(nn.Module):
         return layer
 
 
-class DeformableSeparableConv2d(nn.Module):
+class DeformableSeparableConv2d(_DepthwisePointwise):
     """Deformable depthwise convolution followed by a pointwise (1 x 1) convolution.
 
     ``depthwise`` is a :class:`~deformconv.nn.deform_conv.DeformableConv2d` with
@@ -243,7 +246,9 @@ class DeformableSeparableConv2d(nn.Module):
         in_channels: channels ``C`` of the input.
         out_channels: channels of the output.
         kernel_size: depthwise kernel ``(kh, kw)`` or one int.
-        stride, padding, dilation: of the depthwise step (padding as explicit zeros).
+        stride: of the depthwise step.
+        padding: of the depthwise step (explicit zeros).
+        dilation: of the depthwise step.
         depth_multiplier: depthwise filters per input channel.
         bias: add a bias after the pointwise step.
         offset_groups: groups of input channels sharing one offset field; must divide ``C``.
@@ -290,7 +295,7 @@ class DeformableSeparableConv2d(nn.Module):
         self.depthwise = DeformableConv2d(
             in_channels,
             in_channels * depth_multiplier,
-            _pair(kernel_size, "kernel_size", 1),
+            to_pair(kernel_size, "kernel_size", 1),
             stride=stride,
             padding=padding,
             dilation=dilation,
@@ -302,15 +307,3 @@ class DeformableSeparableConv2d(nn.Module):
         )
         self.pointwise = nn.Conv2d(in_channels * depth_multiplier, out_channels, 1, bias=bias)
         self.depth_multiplier = depth_multiplier
-
-    @property
-    def in_channels(self) -> int:
-        return self.depthwise.in_channels
-
-    @property
-    def out_channels(self) -> int:
-        return self.pointwise.out_channels
-
-    def forward(self, input: Tensor) -> Tensor:
-        """Convolve ``Tensor[B, C, H, W]`` into ``Tensor[B, out_channels, H_out, W_out]``."""
-        return self.pointwise(self.depthwise(input))

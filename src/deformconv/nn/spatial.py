@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deformconv.nn.depthwise import PaddingArg, _pad_mode, _padding, _pair, same_padding
+from deformconv._validation import check_int, padding_pair, to_pair
+from deformconv.nn.depthwise import PaddingArg, _geometry_repr, _pad_mode, same_padding
 
 __all__ = ["SpatiallySeparableConv2d"]
 
@@ -86,9 +87,8 @@ class SpatiallySeparableConv2d(nn.Module):
     ) -> None:
         super().__init__()
         _pad_mode(padding_mode)
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int(in_channels, "in_channels")
+        check_int(out_channels, "out_channels")
         if per_channel:
             if out_channels != in_channels:
                 raise ValueError(
@@ -103,13 +103,11 @@ class SpatiallySeparableConv2d(nn.Module):
             mid_channels = in_channels
         elif mid_channels is None:
             mid_channels = out_channels
-        elif (
-            isinstance(mid_channels, bool) or not isinstance(mid_channels, int) or mid_channels < 1
-        ):
-            raise ValueError(f"mid_channels must be a positive int or None, got {mid_channels!r}")
-        (kh, kw), (sh, sw) = _pair(kernel_size, "kernel_size", 1), _pair(stride, "stride", 1)
-        dh, dw = _pair(dilation, "dilation", 1)
-        pad = _padding(padding)
+        else:
+            check_int(mid_channels, "mid_channels")
+        (kh, kw), (sh, sw) = to_pair(kernel_size, "kernel_size", 1), to_pair(stride, "stride", 1)
+        dh, dw = to_pair(dilation, "dilation", 1)
+        pad = padding_pair(padding)
         self.padding = pad
         ph, pw = (0, 0) if pad == "same" else pad
         factory = {"device": device, "dtype": dtype}
@@ -200,12 +198,7 @@ class SpatiallySeparableConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         parts = [f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"]
-        if self.stride != (1, 1):
-            parts.append(f"stride={self.stride}")
-        if self.padding != (0, 0):
-            parts.append(f"padding={self.padding!r}")
-        if self.dilation != (1, 1):
-            parts.append(f"dilation={self.dilation}")
+        parts += _geometry_repr(self.stride, self.padding, self.dilation)
         if self.per_channel:
             parts.append("per_channel=True")
         elif self.mid_channels != self.out_channels:
@@ -232,7 +225,9 @@ class SpatiallySeparableConv2d(nn.Module):
             column: vertical filter ``[kh]`` shared by every channel, or ``[in_channels, kh]``.
             row: horizontal filter ``[kw]``, or ``[in_channels, kw]``.
             in_channels: channels ``C`` of the input (and output).
-            stride, padding, dilation: as in the constructor.
+            stride: as in the constructor.
+            padding: as in the constructor.
+            dilation: as in the constructor.
 
         Example:
             >>> blur = SpatiallySeparableConv2d.from_kernels([1.0, 2.0, 1.0], [1.0, 2.0, 1.0], 3)
@@ -275,7 +270,9 @@ class SpatiallySeparableConv2d(nn.Module):
         Args:
             kernel: ``[kh, kw]`` applied to every channel, or ``[in_channels, kh, kw]``.
             in_channels: channels ``C`` of the input (and output).
-            stride, padding, dilation: as in the constructor.
+            stride: as in the constructor.
+            padding: as in the constructor.
+            dilation: as in the constructor.
             rtol: singular values below ``rtol`` times the largest count as zero; default
                 ``max(kh, kw)`` times the machine epsilon of the kernel's dtype.
 

@@ -2,27 +2,24 @@
 factorization of kernels and layers, and where deformable layers sample (matplotlib is imported
 only by the figure functions)."""
 
-from deformconv.tools.arithmetic import (
-    KINDS,
-    ConvCost,
-    ConvSpec,
-    StepCost,
-    conv_cost,
-    spec_from_module,
-    transposed_output_padding,
-)
+from deformconv.tools.arithmetic import ConvCost, StepCost, conv_cost, transposed_output_padding
+from deformconv.tools.conv_spec import KINDS, ConvSpec
+from deformconv.tools.convert import Conversion, ConvertedLayer, convert_to_deformable
 from deformconv.tools.factorize import (
     ConvFactorization,
-    LayerReport,
-    ModelFactorization,
     factorize_conv,
-    factorize_layers,
-    factorize_model,
     to_depthwise_separable,
     to_spatially_separable,
 )
 from deformconv.tools.kernels import kernel_names, named_kernel, parse_kernel
 from deformconv.tools.model_cost import LayerCost, ModelCost, model_cost
+from deformconv.tools.model_factorization import (
+    LayerReport,
+    ModelFactorization,
+    factorize_layers,
+    factorize_model,
+)
+from deformconv.tools.module_spec import spec_from_module
 from deformconv.tools.separability import KernelFactorization, factorize_kernel
 from deformconv.tools.visualize import (
     OffsetField,
@@ -40,6 +37,8 @@ __all__ = [
     "ConvCost",
     "ConvFactorization",
     "ConvSpec",
+    "Conversion",
+    "ConvertedLayer",
     "KernelFactorization",
     "LayerCost",
     "LayerReport",
@@ -50,6 +49,7 @@ __all__ = [
     "SamplingLayer",
     "StepCost",
     "conv_cost",
+    "convert_to_deformable",
     "factorize_conv",
     "factorize_kernel",
     "factorize_layers",

@@ -1,25 +1,10 @@
 """Sizes, parameters, multiply-accumulates and memory of convolution layers, without tensors.
 
-Describe a layer with a :class:`ConvSpec` and pass it to :func:`conv_cost` with an input size;
+Pass a :class:`~deformconv.tools.conv_spec.ConvSpec` and an input size to :func:`conv_cost`;
 the :class:`ConvCost` it returns holds the output shape, parameters, multiply-accumulates (MACs),
 receptive field and activation memory, and the same per step of the layer (:class:`StepCost`).
-:func:`spec_from_module` describes an existing layer; :func:`transposed_output_padding` picks the
-``output_padding`` that makes a transposed convolution reach a given size.
-
-Kinds (``ConvSpec.kind``) and the layers they describe:
-
-=========================  ===================================================================
-``"conv"``                 ``nn.Conv2d``: plain, grouped (``groups``), dilated (``dilation``)
-``"transposed"``           ``nn.ConvTranspose2d`` (``output_padding``, ``groups``, ``dilation``)
-``"depthwise"``            :class:`~deformconv.nn.depthwise.DepthwiseConv2d`
-``"separable"``            :class:`~deformconv.nn.separable.SeparableConv2d`
-``"spatial"``              :class:`~deformconv.nn.spatial.SpatiallySeparableConv2d`
-``"deformable"``           :class:`~deformconv.nn.deform_conv.DeformableConv2d` (v2 when
-                           ``modulated``, v1 otherwise); with ``offset_branch=False``,
-                           ``DeformConv2d`` (ours or torchvision's), whose offsets come from
-                           elsewhere
-``"deformable_separable"`` :class:`~deformconv.nn.separable.DeformableSeparableConv2d`
-=========================  ===================================================================
+:func:`transposed_output_padding` picks the ``output_padding`` that makes a transposed
+convolution reach a given size.
 
 What is counted:
 
@@ -61,276 +46,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+from deformconv._validation import Pair, check_int, to_pair
+from deformconv.nn.depthwise import same_padding
+from deformconv.tools.conv_spec import ConvSpec
 
-from deformconv.nn.deform_conv import DeformableConv2d, DeformConv2d
-from deformconv.nn.depthwise import DepthwiseConv2d, same_padding
-from deformconv.nn.separable import DeformableSeparableConv2d, SeparableConv2d
-from deformconv.nn.spatial import SpatiallySeparableConv2d
-
-__all__ = [
-    "KINDS",
-    "ConvCost",
-    "ConvSpec",
-    "StepCost",
-    "conv_cost",
-    "spec_from_module",
-    "transposed_output_padding",
-]
-
-KINDS: tuple[str, ...] = (
-    "conv",
-    "transposed",
-    "depthwise",
-    "separable",
-    "spatial",
-    "deformable",
-    "deformable_separable",
-)
-
-_DEFORMABLE = ("deformable", "deformable_separable")
-_MULTIPLIED = ("depthwise", "separable", "deformable_separable")
-# Which kinds each optional field applies to; a non-default value elsewhere is an error.
-_APPLIES: dict[str, tuple[str, ...]] = {
-    "groups": ("conv", "transposed", "deformable"),
-    "depth_multiplier": _MULTIPLIED,
-    "output_padding": ("transposed",),
-    "offset_groups": _DEFORMABLE,
-    "modulated": _DEFORMABLE,
-    "offset_branch": _DEFORMABLE,
-    "per_channel": ("spatial",),
-    "mid_channels": ("spatial",),
-}
-_DEFAULTS: dict[str, Any] = {
-    "groups": 1,
-    "depth_multiplier": 1,
-    "output_padding": (0, 0),
-    "offset_groups": 1,
-    "modulated": True,
-    "offset_branch": True,
-    "per_channel": False,
-    "mid_channels": None,
-}
-
-Pair = tuple[int, int]
-
-
-def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _pair(value: Any, name: str, minimum: int) -> Pair:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    if not isinstance(value, tuple | list) or len(value) != 2:
-        raise TypeError(f"{name} must be an int or a pair of ints (height, width), got {value!r}")
-    return (
-        _positive_int(value[0], f"{name}[0] (height)", minimum),
-        _positive_int(value[1], f"{name}[1] (width)", minimum),
-    )
-
-
-@dataclass(frozen=True)
-class ConvSpec:
-    """A convolution layer described by its hyper-parameters (no tensors).
-
-    Integers given for pair fields are expanded to ``(height, width)`` and every field is checked
-    on construction.
-
-    Attributes:
-        kind: one of :data:`KINDS`.
-        in_channels: channels of the input.
-        out_channels: channels of the output; for ``"depthwise"`` it is
-            ``in_channels * depth_multiplier`` and may be left ``None``.
-        kernel_size: ``(kh, kw)``.
-        stride: ``(sh, sw)``.
-        padding: zeros ``(ph, pw)`` on each side, or ``"same"`` (TensorFlow's rule, see
-            :func:`~deformconv.nn.depthwise.same_padding`; kinds conv, depthwise, separable and
-            spatial) or ``"valid"`` (stored as ``(0, 0)``).
-        dilation: ``(dh, dw)``.
-        groups: channel groups (conv, transposed, deformable).
-        depth_multiplier: depthwise filters per input channel (depthwise, separable,
-            deformable_separable).
-        output_padding: extra rows and columns of a transposed convolution; each must be smaller
-            than the stride or the dilation along its dimension.
-        bias: the layer adds a bias (after the pointwise step for separable kinds).
-        offset_groups: groups of input channels sharing one offset field (deformable kinds).
-        modulated: deformable v2 (offsets and a mask) rather than v1 (offsets only).
-        offset_branch: the layer predicts its offsets with its own convolution, as
-            :class:`~deformconv.nn.deform_conv.DeformableConv2d` does.
-        per_channel: spatially separable passes filter each channel on its own.
-        mid_channels: channels between the two spatially separable passes; ``None`` becomes
-            ``out_channels``, or ``in_channels`` when ``per_channel``.
-
-    Example:
-        >>> ConvSpec("separable", 3, 256, kernel_size=5)
-        ConvSpec(kind='separable', in_channels=3, out_channels=256, kernel_size=(5, 5))
-        >>> ConvSpec("conv", 6, 8, 3, groups=4)
-        Traceback (most recent call last):
-        ...
-        ValueError: in_channels=6 must be divisible by groups=4
-    """
-
-    kind: str
-    in_channels: int
-    out_channels: int | None = None
-    kernel_size: Pair | int = 3
-    stride: Pair | int = 1
-    padding: Pair | int | str = 0
-    dilation: Pair | int = 1
-    groups: int = 1
-    depth_multiplier: int = 1
-    output_padding: Pair | int = 0
-    bias: bool = True
-    offset_groups: int = 1
-    modulated: bool = True
-    offset_branch: bool = True
-    per_channel: bool = False
-    mid_channels: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
-        kind = self.kind
-        fix = object.__setattr__
-        _positive_int(self.in_channels, "in_channels")
-        fix(self, "kernel_size", _pair(self.kernel_size, "kernel_size", 1))
-        fix(self, "stride", _pair(self.stride, "stride", 1))
-        fix(self, "dilation", _pair(self.dilation, "dilation", 1))
-        fix(self, "output_padding", _pair(self.output_padding, "output_padding", 0))
-        if isinstance(self.padding, str):
-            if self.padding not in ("same", "valid"):
-                raise ValueError(
-                    f"padding must be an int, a pair of ints, 'same' or 'valid'; got {self.padding!r}"
-                )
-            if self.padding == "same" and kind in ("transposed", *_DEFORMABLE):
-                raise ValueError(
-                    f"padding='same' applies to kinds conv, depthwise, separable and spatial, "
-                    f"not {kind!r}; give the padding in zeros"
-                )
-            if self.padding == "valid":
-                fix(self, "padding", (0, 0))
-        else:
-            fix(self, "padding", _pair(self.padding, "padding", 0))
-        for name, kinds in _APPLIES.items():
-            value = getattr(self, name)
-            if kind not in kinds and value != _DEFAULTS[name]:
-                raise ValueError(
-                    f"{name} applies to kinds {', '.join(kinds)}, not {kind!r}; got {name}={value!r}"
-                )
-        _positive_int(self.groups, "groups")
-        _positive_int(self.depth_multiplier, "depth_multiplier")
-        _positive_int(self.offset_groups, "offset_groups")
-        if kind == "depthwise":
-            expected = self.in_channels * self.depth_multiplier
-            if self.out_channels not in (None, expected):
-                raise ValueError(
-                    f"out_channels of a depthwise convolution is in_channels * depth_multiplier "
-                    f"= {expected}; got out_channels={self.out_channels}"
-                )
-            fix(self, "out_channels", expected)
-        elif self.out_channels is None:
-            raise ValueError(f"out_channels is required for kind {kind!r}")
-        _positive_int(self.out_channels, "out_channels")
-        for channels in ("in_channels", "out_channels"):
-            if getattr(self, channels) % self.groups:
-                raise ValueError(
-                    f"{channels}={getattr(self, channels)} must be divisible by groups={self.groups}"
-                )
-        if self.in_channels % self.offset_groups:
-            raise ValueError(
-                f"in_channels={self.in_channels} must be divisible by "
-                f"offset_groups={self.offset_groups}"
-            )
-        if kind == "transposed":
-            for axis, op, s, d in zip(
-                ("height", "width"), self.output_padding, self.stride, self.dilation, strict=True
-            ):
-                if op >= max(s, d):
-                    raise ValueError(
-                        f"output_padding along {axis} must be smaller than the stride ({s}) or the "
-                        f"dilation ({d}); got {op}"
-                    )
-        if kind == "spatial":
-            if self.per_channel:
-                if self.out_channels != self.in_channels:
-                    raise ValueError(
-                        "out_channels must equal in_channels when per_channel=True, got "
-                        f"in_channels={self.in_channels}, out_channels={self.out_channels}"
-                    )
-                if self.mid_channels not in (None, self.in_channels):
-                    raise ValueError(
-                        "mid_channels must be None or in_channels when per_channel=True, got "
-                        f"{self.mid_channels}"
-                    )
-                fix(self, "mid_channels", self.in_channels)
-            elif self.mid_channels is None:
-                fix(self, "mid_channels", self.out_channels)
-            else:
-                _positive_int(self.mid_channels, "mid_channels")
-
-    def __repr__(self) -> str:
-        shown = [
-            f"kind={self.kind!r}",
-            f"in_channels={self.in_channels}",
-            f"out_channels={self.out_channels}",
-            f"kernel_size={self.kernel_size}",
-        ]
-        for field in dataclasses.fields(self)[4:]:
-            value, default = getattr(self, field.name), field.default
-            if field.name in ("stride", "padding", "dilation", "output_padding"):
-                default = (default, default)
-            if value != default:
-                shown.append(f"{field.name}={value!r}")
-        return f"ConvSpec({', '.join(shown)})"
-
-    @property
-    def mid(self) -> int:
-        """Channels between the steps: ``in_channels * depth_multiplier`` for the separable
-        kinds, the channels between the passes for ``"spatial"``, else ``out_channels``."""
-        if self.kind in _MULTIPLIED:
-            return self.in_channels * self.depth_multiplier
-        if self.kind == "spatial":
-            return self.mid_channels  # type: ignore[return-value]
-        return self.out_channels  # type: ignore[return-value]
-
-    @property
-    def title(self) -> str:
-        """A short human name, e.g. ``"grouped convolution (groups=4)"``.
-
-        Example:
-            >>> ConvSpec("conv", 8, 8, dilation=2).title
-            'dilated convolution (dilation=2)'
-            >>> ConvSpec("deformable", 8, 8, modulated=False).title
-            'deformable convolution v1'
-        """
-        if self.kind == "conv":
-            notes = []
-            if self.groups > 1:
-                notes.append(f"groups={self.groups}")
-            if self.dilation != (1, 1):
-                notes.append(f"dilation={_text(self.dilation)}")
-            name = "grouped " if self.groups > 1 else ""
-            name += "dilated " if self.dilation != (1, 1) else ""
-            return f"{name}convolution" + (f" ({', '.join(notes)})" if notes else "")
-        version = " v2" if self.modulated else " v1"
-        return {
-            "transposed": "transposed convolution",
-            "depthwise": "depthwise convolution",
-            "separable": "depthwise separable convolution",
-            "spatial": "spatially separable convolution"
-            + (" (per channel)" if self.per_channel else ""),
-            "deformable": "deformable convolution" + version,
-            "deformable_separable": "deformable depthwise separable convolution" + version,
-        }[self.kind]
-
-
-def _text(pair: Pair) -> str:
-    return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}x{pair[1]}"
+__all__ = ["ConvCost", "StepCost", "conv_cost", "transposed_output_padding"]
 
 
 @dataclass(frozen=True)
@@ -479,9 +199,9 @@ def conv_cost(
         >>> [(s.name, s.params, s.macs) for s in conv_cost(ConvSpec("deformable", 1, 1), 3).steps]
         [('offset branch', 270, 243), ('bilinear sampling', 0, 36), ('modulation', 0, 9), ('convolution', 10, 9)]
     """
-    h, w = _pair(input_size, "input_size", 1)
-    _positive_int(batch, "batch")
-    _positive_int(bytes_per_element, "bytes_per_element")
+    h, w = to_pair(input_size, "input_size", 1)
+    check_int(batch, "batch")
+    check_int(bytes_per_element, "bytes_per_element")
     c_in, c_out, mid = spec.in_channels, spec.out_channels, spec.mid
     assert c_out is not None
     (kh, kw), (sh, sw), (dh, dw) = spec.kernel_size, spec.stride, spec.dilation
@@ -602,7 +322,10 @@ def transposed_output_padding(
     Args:
         input_size: ``(height, width)`` of the input, or one int.
         output_size: the wanted ``(height, width)``, or one int.
-        kernel_size, stride, padding, dilation: of the transposed convolution.
+        kernel_size: of the transposed convolution.
+        stride: of the transposed convolution.
+        padding: of the transposed convolution.
+        dilation: of the transposed convolution.
 
     Returns:
         ``(output_padding_h, output_padding_w)`` for the constructor.
@@ -619,9 +342,10 @@ def transposed_output_padding(
         ...
         ValueError: output width 17 is out of reach: a transposed convolution of input width 8 with kernel_size 3, stride 2, padding 1, dilation 1 gives 15 to 16 (output_padding 0 to 1); padding=0 reaches 17
     """
-    sizes_in, sizes_out = _pair(input_size, "input_size", 1), _pair(output_size, "output_size", 1)
-    kernels, strides = _pair(kernel_size, "kernel_size", 1), _pair(stride, "stride", 1)
-    paddings, dilations = _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
+    sizes_in = to_pair(input_size, "input_size", 1)
+    sizes_out = to_pair(output_size, "output_size", 1)
+    kernels, strides = to_pair(kernel_size, "kernel_size", 1), to_pair(stride, "stride", 1)
+    paddings, dilations = to_pair(padding, "padding", 0), to_pair(dilation, "dilation", 1)
     result = []
     for axis, n, target, k, s, p, d in zip(
         ("height", "width"), sizes_in, sizes_out, kernels, strides, paddings, dilations, strict=True
@@ -663,130 +387,3 @@ def transposed_output_padding(
             hint = f"padding={p + math.ceil((smallest - target) / 2)} reaches {target}"
         raise ValueError(f"output {axis} {target} is out of reach: {settings} {reach}; {hint}")
     return result[0], result[1]
-
-
-def spec_from_module(module: nn.Module) -> ConvSpec:
-    """Describe a convolution layer as a :class:`ConvSpec`.
-
-    Understands ``nn.Conv2d`` (and :class:`~deformconv.nn.depthwise.DepthwiseConv2d`),
-    ``nn.ConvTranspose2d``, the separable layers of :mod:`deformconv.nn`, deformconv's
-    ``DeformableConv2d`` and ``DeformConv2d`` and torchvision's ``DeformConv2d``. A layer whose
-    offsets come from outside (``DeformConv2d``) is described as deformable v1 with one offset
-    group; :func:`~deformconv.tools.model_cost.model_cost` corrects both from the offsets and
-    mask it is called with.
-
-    Args:
-        module: the layer.
-
-    Returns:
-        Its :class:`ConvSpec`.
-
-    Raises:
-        TypeError: for any other module.
-
-    Example:
-        >>> spec_from_module(SeparableConv2d(16, 32, 3, bias=False))
-        ConvSpec(kind='separable', in_channels=16, out_channels=32, kernel_size=(3, 3), bias=False)
-    """
-    if isinstance(module, SeparableConv2d):
-        dw = module.depthwise
-        return ConvSpec(
-            "separable",
-            dw.in_channels,
-            module.out_channels,
-            dw.kernel_size,  # type: ignore[arg-type]
-            dw.stride,  # type: ignore[arg-type]
-            dw.padding,  # type: ignore[arg-type]
-            dw.dilation,  # type: ignore[arg-type]
-            depth_multiplier=dw.depth_multiplier,
-            bias=module.pointwise.bias is not None,
-        )
-    if isinstance(module, DeformableSeparableConv2d):
-        dw = module.depthwise
-        return ConvSpec(
-            "deformable_separable",
-            dw.in_channels,
-            module.out_channels,
-            dw.kernel_size,
-            dw.stride,
-            dw.padding,
-            dw.dilation,
-            depth_multiplier=module.depth_multiplier,
-            bias=module.pointwise.bias is not None,
-            offset_groups=dw.offset_groups,
-            modulated=dw.modulated,
-        )
-    if isinstance(module, SpatiallySeparableConv2d):
-        return ConvSpec(
-            "spatial",
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            module.stride,
-            module.padding if module.padding == "same" else _spatial_padding(module),
-            module.dilation,
-            bias=module.horizontal.bias is not None,
-            per_channel=module.per_channel,
-            mid_channels=module.mid_channels,
-        )
-    if isinstance(module, DepthwiseConv2d):
-        return ConvSpec(
-            "depthwise",
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,  # type: ignore[arg-type]
-            module.stride,  # type: ignore[arg-type]
-            module.padding,  # type: ignore[arg-type]
-            module.dilation,  # type: ignore[arg-type]
-            depth_multiplier=module.depth_multiplier,
-            bias=module.bias is not None,
-        )
-    if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
-        transposed = isinstance(module, nn.ConvTranspose2d)
-        return ConvSpec(
-            "transposed" if transposed else "conv",
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,  # type: ignore[arg-type]
-            module.stride,  # type: ignore[arg-type]
-            module.padding,  # type: ignore[arg-type]
-            module.dilation,  # type: ignore[arg-type]
-            groups=module.groups,
-            output_padding=module.output_padding if transposed else 0,  # type: ignore[arg-type]
-            bias=module.bias is not None,
-        )
-    if isinstance(module, DeformConv2d) or _is_torchvision_deform_conv(module):
-        own_branch = isinstance(module, DeformableConv2d)
-        return ConvSpec(
-            "deformable",
-            module.in_channels,  # type: ignore[arg-type]
-            module.out_channels,  # type: ignore[arg-type]
-            module.kernel_size,  # type: ignore[arg-type]
-            module.stride,  # type: ignore[arg-type]
-            module.padding,  # type: ignore[arg-type]
-            module.dilation,  # type: ignore[arg-type]
-            groups=module.groups,  # type: ignore[arg-type]
-            bias=module.bias is not None,
-            offset_groups=module.offset_groups if own_branch else 1,  # type: ignore[arg-type]
-            modulated=module.modulated if own_branch else False,  # type: ignore[arg-type]
-            offset_branch=own_branch,
-        )
-    raise TypeError(
-        "module must be a 2-D convolution layer (nn.Conv2d, nn.ConvTranspose2d, a deformconv.nn "
-        f"layer or torchvision.ops.DeformConv2d), got {type(module).__name__}"
-    )
-
-
-def _spatial_padding(module: SpatiallySeparableConv2d) -> Pair:
-    """The ``(ph, pw)`` split between the vertical pass (rows) and the horizontal one (columns)."""
-    return module.vertical.padding[0], module.horizontal.padding[1]  # type: ignore[index, return-value]
-
-
-def _is_torchvision_deform_conv(module: nn.Module) -> bool:
-    """``module`` is a ``torchvision.ops.DeformConv2d`` (torchvision is optional, so the class
-    is matched by name instead of imported)."""
-    cls = type(module)
-    return any(
-        c.__name__ == "DeformConv2d" and c.__module__.startswith("torchvision.")
-        for c in cls.__mro__
-    )

@@ -48,13 +48,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from deformconv.nn.deform_conv import DeformConv2d
 from deformconv.nn.separable import DeformableSeparableConv2d, SeparableConv2d
 from deformconv.nn.spatial import SpatiallySeparableConv2d
-from deformconv.tools.arithmetic import (
-    ConvSpec,
-    _is_torchvision_deform_conv,
-    _transposed_reach,
-    conv_cost,
-    spec_from_module,
-)
+from deformconv.tools.arithmetic import _transposed_reach, conv_cost
+from deformconv.tools.conv_spec import ConvSpec
+from deformconv.tools.module_spec import _is_torchvision_deform_conv, spec_from_module
 
 __all__ = ["LayerCost", "ModelCost", "model_cost"]
 
@@ -82,7 +78,7 @@ class LayerCost:
         macs: multiply-accumulates of the call, whole batch.
         receptive_field: ``(height, width)`` of model input that one output value sees, or
             ``None`` where that is not defined.
-        spec: the layer as a :class:`~deformconv.tools.arithmetic.ConvSpec` for convolution
+        spec: the layer as a :class:`~deformconv.tools.conv_spec.ConvSpec` for convolution
             layers, else ``None``.
     """
 
@@ -205,14 +201,15 @@ def _field_of(value: Any) -> _Field | None:
 
 
 def _tensors(value: Any) -> Iterator[Tensor]:
+    """Every tensor in a value: a tensor, or nested tuples, lists and dicts of them."""
     if isinstance(value, Tensor):
         yield value
     elif isinstance(value, tuple | list):
         for item in value:
-            if isinstance(item, Tensor):
-                yield item
+            yield from _tensors(item)
     elif isinstance(value, dict):
-        yield from (item for item in value.values() if isinstance(item, Tensor))
+        for item in value.values():
+            yield from _tensors(item)
 
 
 def _mark(output: Any, field: _Field | None) -> None:

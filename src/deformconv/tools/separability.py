@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from deformconv._validation import check_int
+
 __all__ = ["KernelFactorization", "factorize_kernel"]
 
 
@@ -126,9 +128,7 @@ class KernelFactorization:
             ``(columns, rows)``, each ``Tensor[r, k]``. For ``r = 1`` and a separable kernel they
             are :attr:`column` and :attr:`row`.
         """
-        k = self.kernel.shape[0]
-        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= k:
-            raise ValueError(f"r must be an int in [1, {k}], got {r!r}")
+        check_int(r, "r", 1, self.kernel.shape[0])
         if r == 1 and self.column is not None and self.row is not None:
             return self.column[None], self.row[None]
         u, s, vh = torch.linalg.svd(self.kernel)

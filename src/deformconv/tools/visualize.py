@@ -42,14 +42,18 @@ class SamplingLayer:
     """One convolution of a stack, for one image.
 
     Args:
-        kernel_size, stride, padding, dilation: the convolution's geometry.
+        kernel_size: the convolution's kernel ``(kh, kw)``.
+        stride: the convolution's stride.
+        padding: the convolution's padding.
+        dilation: the convolution's dilation.
         offset: the offsets the layer applied, ``(2 * kh * kw, Ho, Wo)`` (channel ``2k`` is the
             row offset of tap ``k``, ``2k + 1`` the column offset, as in ``deform_conv2d``), or
             ``None`` for a regular convolution.
         mask: the modulation ``(kh * kw, Ho, Wo)`` of a DCNv2 layer, or ``None``.
-        input_scale, input_shift: input coordinate ``u`` of this layer is coordinate
+        input_scale: input coordinate ``u`` of this layer is coordinate
             ``u * input_scale + input_shift`` of the previous layer's output (or of the image,
-            for the first layer); a 2x2 pooling before the layer gives ``2`` and ``0.5``.
+            for the first layer); a 2x2 pooling before the layer gives ``2``.
+        input_shift: see ``input_scale``; a 2x2 pooling before the layer gives ``0.5``.
     """
 
     kernel_size: Pair = (3, 3)

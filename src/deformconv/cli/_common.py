@@ -1,0 +1,56 @@
+"""What the commands share: one-line messages on stderr and the ``N`` / ``HxW`` option text."""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["first_line", "parse_pair", "print_error", "print_warning"]
+
+_PAIR = re.compile(r"^(\d+)(?:x(\d+))?$")
+
+
+def _print(command: str, label: str, colour: str, message: str) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    # soft_wrap: one line whatever the terminal's width; escape: the message is shown as it is
+    # (a kernel typed as "[[1, 0], [0, 1]]" is not markup).
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    console.print(f"[{colour}]deformconv {command}: {label}:[/{colour}] {escape(message)}")
+
+
+def print_error(command: str, message: str) -> None:
+    """``deformconv COMMAND: error: MESSAGE`` on one line of stderr."""
+    _print(command, "error", "red", message)
+
+
+def print_warning(command: str, message: str) -> None:
+    """``deformconv COMMAND: warning: MESSAGE`` on one line of stderr."""
+    _print(command, "warning", "yellow", message)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for a
+    one-line answer: torch's messages run over many lines.
+
+    Example:
+        >>> first_line(RuntimeError("shape mismatch\\nmore details")), first_line(KeyError())
+        ('shape mismatch', 'KeyError')
+    """
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def parse_pair(text: str) -> tuple[int, int] | None:
+    """``"3"`` as ``(3, 3)`` and ``"3x5"`` as ``(3, 5)`` (non-negative ints); ``None`` for
+    anything else.
+
+    Example:
+        >>> parse_pair("3"), parse_pair(" 3x5 "), parse_pair("-1"), parse_pair("3by5")
+        ((3, 3), (3, 5), None, None)
+    """
+    match = _PAIR.match(text.strip())
+    if not match:
+        return None
+    first = int(match.group(1))
+    return first, int(match.group(2)) if match.group(2) else first
