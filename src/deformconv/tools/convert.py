@@ -31,7 +31,7 @@ from deformconv._validation import check_int
 from deformconv.nn.deform_conv import DeformableConv2d
 from deformconv.tools.arithmetic import conv_cost
 from deformconv.tools.conv_spec import ConvSpec
-from deformconv.tools.module_spec import spec_from_module
+from deformconv.tools.module_spec import _inspection_run, spec_from_module
 
 __all__ = ["Conversion", "ConvertedLayer", "convert_to_deformable"]
 
@@ -364,16 +364,8 @@ def _input_sizes(
         dtype=first.dtype if first is not None and first.is_floating_point() else torch.float32,
         device=first.device if first is not None else "cpu",
     )
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for m, training in modes.items():
-            m.train(training)
+    with _inspection_run(model, handles):
+        model(example)
     missing = [name for name in names if name not in sizes]
     if missing:
         raise ValueError(f"the run on input_shape {shape} never called {', '.join(missing)}")

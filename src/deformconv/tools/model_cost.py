@@ -50,7 +50,11 @@ from deformconv.nn.separable import DeformableSeparableConv2d, SeparableConv2d
 from deformconv.nn.spatial import SpatiallySeparableConv2d
 from deformconv.tools.arithmetic import _transposed_reach, conv_cost
 from deformconv.tools.conv_spec import ConvSpec
-from deformconv.tools.module_spec import _is_torchvision_deform_conv, spec_from_module
+from deformconv.tools.module_spec import (
+    _inspection_run,
+    _is_torchvision_deform_conv,
+    spec_from_module,
+)
 
 __all__ = ["LayerCost", "ModelCost", "model_cost"]
 
@@ -369,22 +373,14 @@ def model_cost(model: nn.Module, input_shape: tuple[int, ...] | torch.Size) -> M
             )
         )
 
-    modes = {module: module.training for module in model.modules()}
     handles = []
     for module in model.modules():
         if id(module) in names:
             handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
             handles.append(module.register_forward_hook(after, with_kwargs=True))
     setattr(example, _ATTR, _Field((Fraction(1), Fraction(1)), (Fraction(1), Fraction(1))))
-    try:
-        model.eval()
-        with torch.no_grad(), counter, _FieldMode():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes.items():
-            module.train(training)
+    with _inspection_run(model, handles), counter, _FieldMode():
+        model(example)
     params = sum(p.numel() for p in model.parameters())
     return ModelCost(shape, tuple(layers), params, sum(row.macs for row in layers))
 

@@ -5,9 +5,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from deformconv._validation import Pair
 from deformconv.nn.deform_conv import DeformableConv2d, DeformConv2d
@@ -134,3 +138,20 @@ def _is_torchvision_deform_conv(module: nn.Module) -> bool:
         c.__name__ == "DeformConv2d" and c.__module__.startswith("torchvision.")
         for c in cls.__mro__
     )
+
+
+@contextlib.contextmanager
+def _inspection_run(model: nn.Module, handles: list[RemovableHandle]) -> Iterator[None]:
+    """Context of one inspection run of ``model``: eval mode and no gradients inside; on the way
+    out, even on an error, the hooks in ``handles`` are removed and every module's training flag
+    is put back as it was."""
+    modes = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.train(training)
