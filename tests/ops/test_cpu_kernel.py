@@ -501,6 +501,29 @@ def test_release_cpu_buffers_frees_what_the_kernel_keeps() -> None:
     _assert_bitwise(_path(True, tensors, grad_out, params), first)
 
 
+def test_kept_bytes_follow_reuse_growth_and_the_budget() -> None:
+    """The pool keeps a running count of its bytes: a reused buffer is not counted twice, a
+    grown one replaces the smaller, and a buffer that would pass the budget is handed out but
+    not kept."""
+    from deformconv.ops import workspace_budget
+
+    pool = _buffers.BufferPool()
+    with workspace_budget(1024):
+        pool.get("a", 16, torch.float32)
+        pool.get("a", 8, torch.float32)
+        assert pool.kept_bytes() == 64
+        pool.get("a", 32, torch.float32)
+        assert pool.kept_bytes() == 128
+        pool.get("b", 16, torch.float64)
+        assert pool.kept_bytes() == 256
+        pool.get("c", 200, torch.float32)  # 800 more bytes would pass the 1024-byte budget
+        assert pool.kept_bytes() == 256
+        assert pool.get("c", 4, torch.float32).numel() == 4
+        assert pool.kept_bytes() == 272
+    assert pool.release() == 272
+    assert pool.kept_bytes() == 0
+
+
 def test_each_thread_keeps_its_own_buffers_until_it_ends() -> None:
     pool = _buffers.BufferPool()
     mine = pool.get("cols", 16, torch.float32)

@@ -30,6 +30,21 @@ class _Owner:
     buffers with it."""
 
 
+class _Kept:
+    """One thread's kept buffers and their total size in bytes (kept up to date, so that a
+    request does not add the sizes up again)."""
+
+    __slots__ = ("buffers", "nbytes")
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.dtype], Tensor] = {}
+        self.nbytes = 0
+
+
+def _size(buf: Tensor) -> int:
+    return buf.numel() * buf.element_size()
+
+
 class BufferPool:
     """Named buffers, per calling thread, within the workspace budget.
 
@@ -44,20 +59,21 @@ class BufferPool:
     """
 
     def __init__(self) -> None:
+        # The lock guards every _Kept (release() empties those of other threads) and _threads.
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._threads: dict[int, dict[tuple[str, torch.dtype], Tensor]] = {}
+        self._threads: dict[int, _Kept] = {}
 
-    def _mine(self) -> dict[tuple[str, torch.dtype], Tensor]:
-        owner = getattr(self._local, "owner", None)
-        if owner is None:
+    def _mine(self) -> _Kept:
+        kept = getattr(self._local, "kept", None)
+        if kept is None:
             owner = self._local.owner = _Owner()
+            kept = self._local.kept = _Kept()
             key = id(owner)
             weakref.finalize(owner, self._forget, key)
             with self._lock:
-                self._threads[key] = {}
-        with self._lock:
-            return self._threads.setdefault(id(owner), {})
+                self._threads[key] = kept
+        return kept
 
     def _forget(self, key: int) -> None:
         with self._lock:
@@ -66,34 +82,35 @@ class BufferPool:
     def get(self, name: str, numel: int, dtype: torch.dtype) -> Tensor:
         """A 1-D tensor of ``numel`` elements of ``dtype`` (contents undefined), reused across
         calls of this thread under ``name`` when the thread's kept buffers fit the budget."""
-        mine = self._mine()
+        kept = self._mine()
         key = (name, dtype)
         with self._lock:
-            buf = mine.pop(key, None)
-            kept = sum(b.numel() * b.element_size() for b in mine.values())
+            buf = kept.buffers.pop(key, None)
+            if buf is not None:
+                kept.nbytes -= _size(buf)
+            others = kept.nbytes
         if buf is None or buf.numel() < numel:
             buf = torch.empty(numel, dtype=dtype)
-        if kept + buf.numel() * buf.element_size() <= get_workspace_budget():
+        size = _size(buf)
+        if others + size <= get_workspace_budget():
             with self._lock:
-                mine[key] = buf
+                kept.buffers[key] = buf
+                kept.nbytes += size
         return buf[:numel]
 
     def kept_bytes(self) -> int:
         """Bytes this thread keeps between calls."""
-        mine = self._mine()
+        kept = self._mine()
         with self._lock:
-            return sum(b.numel() * b.element_size() for b in mine.values())
+            return kept.nbytes
 
     def release(self) -> int:
         """Drop the kept buffers of every thread; returns how many bytes were kept."""
         with self._lock:
-            released = sum(
-                b.numel() * b.element_size()
-                for kept in self._threads.values()
-                for b in kept.values()
-            )
+            released = sum(kept.nbytes for kept in self._threads.values())
             for kept in self._threads.values():
-                kept.clear()
+                kept.buffers.clear()
+                kept.nbytes = 0
         return released
 
 

@@ -14,6 +14,7 @@ contiguous both in the input and, per tap, in the columns.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -346,7 +347,7 @@ def _rows(t: Tensor, *shape: int) -> np.ndarray:
 
 def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """A reused buffer of ``shape`` (contents undefined)."""
-    return cpu_buffers.get(name, int(np.prod(shape)), dtype).view(shape)
+    return cpu_buffers.get(name, int(math.prod(shape)), dtype).view(shape)
 
 
 def chunk_columns(layout: Layout, chunks: Chunks) -> np.ndarray:
