@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
-from deformconv.ops import use_kernel
+from deformconv.ops import output_size, use_kernel
 
 THREADS = 2
 METHODS = ("dense", "torchvision", "onnxruntime", "portable", "deformconv")
@@ -88,8 +88,8 @@ class Shape:
 
     @property
     def out_size(self) -> tuple[int, int]:
-        span = self.dilation * (self.kernel - 1) + 1
-        return tuple((n + 2 * self.padding - span) // self.stride + 1 for n in self.in_size)
+        pairs = [(v, v) for v in (self.kernel, self.stride, self.padding, self.dilation)]
+        return output_size(*self.in_size, *pairs)
 
     def describe(self) -> str:
         extra = [
@@ -263,7 +263,7 @@ def _clean_median(timer: Timer, min_run_time: float, retries: int = 1) -> float:
     return best[1]
 
 
-def _portable(fn: Callable[[], object]) -> Callable[[], object]:
+def on_portable(fn: Callable[[], object]) -> Callable[[], object]:
     """``fn`` with the dispatcher forced to the portable kernel."""
 
     def wrapped():
@@ -320,22 +320,32 @@ def measure_times(shape: Shape, min_run_time: float, methods, rounds: int = 3) -
             for direction, fn in zip(
                 ("forward", "forward+backward"), step_functions(method, shape, t), strict=True
             ):
-                if fn is None:
-                    continue
-                if method == "portable":
-                    fn = _portable(fn)
-                fn()
-                timers[(method, direction)] = Timer(
-                    stmt="fn()", globals={"fn": fn}, num_threads=THREADS
-                )
-        slices: dict[tuple[str, str], list[float]] = {key: [] for key in timers}
-        for _ in range(rounds):
-            for key, timer in timers.items():
-                slices[key].append(_clean_median(timer, min_run_time / rounds))
-        results.update({key: statistics.median(values) for key, values in slices.items()})
+                if fn is not None:
+                    timers[(method, direction)] = warm_timer(
+                        on_portable(fn) if method == "portable" else fn
+                    )
+        results.update(interleaved_medians(timers, min_run_time, rounds))
         del timers
         gc.collect()
     return results
+
+
+def warm_timer(fn: Callable[[], object]) -> Timer:
+    """A timer of ``fn`` on ``THREADS`` threads, after one warm-up call (which compiles kernels
+    and sizes buffers)."""
+    fn()
+    return Timer(stmt="fn()", globals={"fn": fn}, num_threads=THREADS)
+
+
+def interleaved_medians(timers: dict, min_run_time: float, rounds: int = 3) -> dict:
+    """Medians in ms of ``timers``, each timed in ``rounds`` interleaved slices of
+    ``min_run_time / rounds`` seconds (the median of its slices is kept), so that a drift of the
+    machine's speed during the run affects them all alike."""
+    slices: dict = {key: [] for key in timers}
+    for _ in range(rounds):
+        for key, timer in timers.items():
+            slices[key].append(_clean_median(timer, min_run_time / rounds))
+    return {key: statistics.median(values) for key, values in slices.items()}
 
 
 def check_agreement(shape: Shape) -> float:

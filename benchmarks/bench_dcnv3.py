@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import subprocess
 import sys
 import time
@@ -34,12 +33,19 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.benchmark import Timer
 
 import deformconv.nn.dcnv3 as dcnv3_layer
-from bench_cpu import THREADS, _clean_median, _Interference, _settle_allocator, machine
+from bench_cpu import (
+    THREADS,
+    _Interference,
+    _settle_allocator,
+    interleaved_medians,
+    machine,
+    on_portable,
+    warm_timer,
+)
 from deformconv.nn import DCNv3
-from deformconv.ops import dcnv3, use_kernel
+from deformconv.ops import dcnv3
 
 STAGES = {"1": (56, 64, 4), "2": (28, 128, 8), "3": (14, 256, 16), "4": (7, 512, 32)}
 BATCH = 8
@@ -154,29 +160,13 @@ def step_functions(method: str, stage: str, t: dict) -> tuple[Callable, Callable
         fwd, fb = _core_steps(dcnv3, stage, t)
         if method == "deformconv":
             return fwd, fb
-        return _portable(fwd), _portable(fb)
+        return on_portable(fwd), on_portable(fb)
     return _conv_steps(stage, t, channels_last=method == "dw_nhwc")
 
 
-def _portable(fn: Callable) -> Callable:
-    def wrapped():
-        with use_kernel("portable", "cpu"):
-            return fn()
-
-    return wrapped
-
-
-def _time(fns: dict, min_run_time: float, rounds: int = 3) -> dict:
-    """Medians in ms of ``fns``, timed in ``rounds`` interleaved slices (median of slices)."""
-    timers = {}
-    for key, fn in fns.items():
-        fn()
-        timers[key] = Timer(stmt="fn()", globals={"fn": fn}, num_threads=THREADS)
-    slices: dict = {key: [] for key in timers}
-    for _ in range(rounds):
-        for key, timer in timers.items():
-            slices[key].append(_clean_median(timer, min_run_time / rounds))
-    return {key: statistics.median(v) for key, v in slices.items()}
+def _time(fns: dict, min_run_time: float) -> dict:
+    """Medians in ms of ``fns``, each warmed up, then timed in interleaved slices."""
+    return interleaved_medians({key: warm_timer(fn) for key, fn in fns.items()}, min_run_time)
 
 
 def measure_core(stage: str, methods, min_run_time: float) -> dict:

@@ -144,7 +144,7 @@ def parity_configs(smoke: bool) -> list[Config]:
         ]
     grid_fix = {"batch": 1024, "channels": 8, "out_channels": 8, "size": (8, 8)}
     grid_fix.update(kernel=(5, 5), padding=(2, 2), offset_groups=4)
-    configs = [
+    return [
         Config("base"),
         Config("float64", dtype="float64"),
         Config("v1 (no mask)", mask=False),
@@ -185,7 +185,6 @@ def parity_configs(smoke: bool) -> list[Config]:
         Config("deterministic, chunks", deterministic=True, batch=8, budget=2**16),
         Config("cuda:1 (non-default device)", device_index=1),
     ]
-    return configs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,7 +342,8 @@ class Shape:
 def bench_shapes(smoke: bool) -> list[Shape]:
     if smoke:
         return [Shape("tiny", 1, 4, 6)]
-    # The CPU benchmark's shapes (benchmarks/bench_cpu.py): 3x3 kernel, padding 1, in = out channels.
+    # The CPU benchmark's shapes (benchmarks/bench_cpu.py): 3x3 kernel, padding 1, as many
+    # output channels as input channels.
     return [Shape("a", 8, 64, 56), Shape("b", 2, 256, 28), Shape("c", 32, 32, 28)]
 
 
@@ -581,8 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     ran = bool(summary["parity"]) and bool(summary["dcnv_parity"])
     summary["passed"] = not failures and not crashed and ran
     summary["failures"] = failures + [f"section {n}" for n in crashed]
-    summary["elapsed_s"] = round(time.monotonic() - started, 1)
-    write_json(args.json, summary)
+    save()
 
     print_summary(summary, args.smoke)
     return 0 if summary["passed"] else 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["check_int", "padding_pair", "to_pair"]
+__all__ = ["check_divisor", "check_int", "padding_pair", "to_pair"]
 
 Pair = tuple[int, int]
 
@@ -57,6 +57,34 @@ def check_int(value: Any, name: str, minimum: int = 1, maximum: int | None = Non
         rule = "a positive int" if minimum == 1 else f"an int >= {minimum}"
         raise ValueError(f"{name} must be {rule}, got {value!r}")
     return value
+
+
+def check_divisor(divisor: Any, name: str, value: int, value_name: str) -> int:
+    """``divisor`` after checking that it is a positive int dividing ``value``.
+
+    Args:
+        divisor: the argument (a group count, typically).
+        name: its name, for the message.
+        value: what it must divide (a channel count, typically).
+        value_name: the name of ``value``, for the message.
+
+    Returns:
+        ``divisor`` unchanged.
+
+    Example:
+        >>> check_divisor(2, "groups", 8, "in_channels")
+        2
+        >>> check_divisor(3, "groups", 8, "in_channels")
+        Traceback (most recent call last):
+        ...
+        ValueError: in_channels must be divisible by groups, got in_channels=8, groups=3
+    """
+    check_int(divisor, name)
+    if value % divisor != 0:
+        raise ValueError(
+            f"{value_name} must be divisible by {name}, got {value_name}={value}, {name}={divisor}"
+        )
+    return divisor
 
 
 def to_pair(value: Any, name: str, minimum: int = 0) -> Pair:

@@ -1,10 +1,23 @@
-"""What the commands share: one-line messages on stderr and the ``N`` / ``HxW`` option text."""
+"""What the commands share: one-line messages on stderr, ``--json`` documents on stdout, the
+``N`` / ``HxW`` option text and the check for optional dependencies."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import re
+import sys
+from collections.abc import Mapping
+from typing import Any
 
-__all__ = ["first_line", "parse_pair", "print_error", "print_warning"]
+__all__ = [
+    "first_line",
+    "missing_packages",
+    "parse_pair",
+    "print_error",
+    "print_json",
+    "print_warning",
+]
 
 _PAIR = re.compile(r"^(\d+)(?:x(\d+))?$")
 
@@ -27,6 +40,34 @@ def print_error(command: str, message: str) -> None:
 def print_warning(command: str, message: str) -> None:
     """``deformconv COMMAND: warning: MESSAGE`` on one line of stderr."""
     _print(command, "warning", "yellow", message)
+
+
+def print_json(document: Any) -> None:
+    """``document`` as indented JSON on stdout (what ``--json`` prints).
+
+    Example:
+        >>> print_json({"kernel": [3, 3]})
+        {
+          "kernel": [
+            3,
+            3
+          ]
+        }
+    """
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+
+
+def missing_packages(modules: Mapping[str, str]) -> list[str]:
+    """The packages to install for the ``modules`` that cannot be imported, from a mapping of
+    module name to package name (``{"PIL": "pillow"}``).
+
+    Example:
+        >>> missing_packages({"json": "json", "no_such_module_x": "no-such-package"})
+        ['no-such-package']
+    """
+    return [
+        package for module, package in modules.items() if importlib.util.find_spec(module) is None
+    ]
 
 
 def first_line(exc: BaseException) -> str:

@@ -10,18 +10,14 @@ describes (weights-only first; ``--trust-pickle`` for ``torch.save(model)`` file
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import Any
 
-from deformconv.cli._common import first_line, print_error, print_warning
+from deformconv.cli._common import first_line, print_error, print_json, print_warning
 from deformconv.cli._models import PICKLE_WARNING, ModelFileError, load_model
-from deformconv.cli.cost import CostError, input_text, layer_options
+from deformconv.cli.cost import _DEFORMABLE, _FIELD_NOTE, CostError, input_text, layer_options
 from deformconv.tools.model_cost import ModelCost, model_cost
 
 __all__ = ["run_model"]
-
-_DEFORMABLE = ("deformable", "deformable_separable")
 
 
 def _cost(args: argparse.Namespace, path: str) -> ModelCost:
@@ -85,7 +81,7 @@ def run_model(args: argparse.Namespace) -> int:
             "input": {"height": height, "width": width, "channels": channels, "batch": args.batch},
             **cost.to_dict(),
         }
-        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        print_json(document)
         return 0
     console = Console(highlight=False)
     batch = f", batch {args.batch}" if args.batch > 1 else ""
@@ -113,5 +109,5 @@ def run_model(args: argparse.Namespace) -> int:
         "parameter once; receptive field in input pixels (HxW)"
     )
     if any(row.spec is not None and row.spec.kind in _DEFORMABLE for row in cost.layers):
-        console.print("* nominal sampling grid: learned offsets make the field data dependent")
+        console.print(_FIELD_NOTE)
     return 0

@@ -12,12 +12,10 @@ Exit codes: 0 success; 2 invalid arguments or inputs.
 from __future__ import annotations
 
 import argparse
-import json
 import re
-import sys
 from typing import Any
 
-from deformconv.cli._common import parse_pair, print_error
+from deformconv.cli._common import parse_pair, print_error, print_json
 from deformconv.cli._models import is_model_path
 from deformconv.tools.arithmetic import ConvCost, conv_cost
 from deformconv.tools.conv_spec import ConvSpec
@@ -60,6 +58,8 @@ _SHARED = (
     "mid-channels",
 )
 _DEFORMABLE = ("deformable", "deformable_separable")
+# The footnote of a table whose receptive fields are marked * (those of deformable layers).
+_FIELD_NOTE = "* nominal sampling grid: learned offsets make the field data dependent"
 _COMMON = ("out_channels", "kernel_size", "stride", "padding", "dilation", "bias")
 
 
@@ -308,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
             "input": {"height": h, "width": w, "channels": c, "batch": args.batch},
             "results": [{"type": token, **cost.to_dict()} for token, cost in results],
         }
-        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        print_json(document)
         return 0
     console = Console(highlight=False)
     batch = f", batch {args.batch}" if args.batch > 1 else ""
@@ -377,5 +377,5 @@ def run(args: argparse.Namespace) -> int:
             table.add_row(label, *(values[index] for index in chunk))
         console.print(table)
     if any(cost.spec.kind in _DEFORMABLE for _, cost in results):
-        console.print("* nominal sampling grid: learned offsets make the field data dependent")
+        console.print(_FIELD_NOTE)
     return 0

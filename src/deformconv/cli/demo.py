@@ -18,7 +18,6 @@ other files), with a one-line message; 3 a missing optional dependency; 130 inte
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -326,12 +325,14 @@ def _restore_config(args: argparse.Namespace):
 
 
 def _missing(args: argparse.Namespace) -> list[str]:
-    needed = []
+    from deformconv.cli._common import missing_packages
+
+    needed: dict[str, str] = {}
     if args.data == "digits":
-        needed.append(("sklearn", "scikit-learn"))
+        needed["sklearn"] = "scikit-learn"
     if not args.no_figures:
-        needed.append(("matplotlib", "matplotlib"))
-    return [name for module, name in needed if importlib.util.find_spec(module) is None]
+        needed["matplotlib"] = "matplotlib"
+    return missing_packages(needed)
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> int:

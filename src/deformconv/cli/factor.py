@@ -11,16 +11,14 @@ option out of range, an ``--output`` that cannot be written).
 from __future__ import annotations
 
 import argparse
-import json
 import re
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from deformconv.cli._common import print_error, print_warning
+from deformconv.cli._common import print_error, print_json, print_warning
 from deformconv.cli._files import OutputError, atomic_path, check_destination
 from deformconv.cli._models import (
     PICKLE_WARNING,
@@ -410,7 +408,7 @@ def run(args: argparse.Namespace) -> int:
         if is_model_path(args.target):
             model_run = _model(args)
             if args.json:
-                sys.stdout.write(json.dumps(_model_json(model_run), indent=2) + "\n")
+                print_json(_model_json(model_run))
             else:
                 _print_model(model_run, args)
             return 0
@@ -419,7 +417,7 @@ def run(args: argparse.Namespace) -> int:
         print_error("factor", str(exc))
         return 2
     if args.json:
-        sys.stdout.write(json.dumps({"kernel_name": label, **kernel.to_dict()}, indent=2) + "\n")
+        print_json({"kernel_name": label, **kernel.to_dict()})
     else:
         _print_kernel(label, kernel)
     return 0

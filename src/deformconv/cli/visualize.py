@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 from pathlib import Path
 
-from deformconv.cli._common import print_error
+from deformconv.cli._common import missing_packages, print_error
 from deformconv.cli._files import OutputError, atomic_path, check_destination
 
 EXIT_OK = 0
@@ -92,11 +91,11 @@ def run(args: argparse.Namespace) -> int:
         print_error("visualize", message)
         return code
 
-    missing = [name for name in ("matplotlib", "PIL") if importlib.util.find_spec(name) is None]
+    missing = missing_packages({"matplotlib": "matplotlib", "PIL": "pillow"})
     if missing:
-        names = ", ".join("pillow" if m == "PIL" else m for m in missing)
         return fail(
-            f"visualize needs {names}: pip install 'deformconv[demo]'", EXIT_MISSING_DEPENDENCY
+            f"visualize needs {', '.join(missing)}: pip install 'deformconv[demo]'",
+            EXIT_MISSING_DEPENDENCY,
         )
 
     import torch

@@ -1,6 +1,6 @@
-"""What the compatibility layers share: checks of the offset-group and weight-group counts that
-mmcv and detectron2 pass explicitly (deformconv's operator reads them from the tensors' shapes),
-and their kernels' rule for the offset gradient of a tap on the image's edge."""
+"""What the compatibility layers share: the check of the offset-group and weight-group counts
+that mmcv's and detectron2's functions take explicitly (deformconv's operator reads them from the
+tensors' shapes), and their kernels' rule for the offset gradient of a tap on the image's edge."""
 
 from __future__ import annotations
 
@@ -9,18 +9,7 @@ from torch import Tensor
 
 from deformconv._validation import check_int, to_pair
 
-__all__ = ["check_group_counts", "check_offset_groups", "without_edge_gradient"]
-
-
-def check_offset_groups(in_channels: int, offset_groups: int, name: str) -> int:
-    """``offset_groups`` after checking that it is a positive int dividing ``in_channels``."""
-    check_int(offset_groups, name)
-    if in_channels % offset_groups != 0:
-        raise ValueError(
-            f"in_channels must be divisible by {name}, got in_channels={in_channels}, "
-            f"{name}={offset_groups}"
-        )
-    return offset_groups
+__all__ = ["check_group_counts", "without_edge_gradient"]
 
 
 def _is_4d(t: object) -> bool:

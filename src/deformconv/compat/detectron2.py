@@ -29,12 +29,10 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from deformconv.compat._common import (
-    check_group_counts,
-    check_offset_groups,
-    without_edge_gradient,
-)
+from deformconv._validation import check_divisor
+from deformconv.compat._common import check_group_counts, without_edge_gradient
 from deformconv.nn.deform_conv import DeformConv2d as _DeformConv2d
+from deformconv.ops import output_size
 from deformconv.ops.deform_conv import deform_conv2d
 
 __all__ = ["DeformConv", "ModulatedDeformConv"]
@@ -43,7 +41,8 @@ IntPair = int | tuple[int, int]
 
 
 class _Detectron2Layer(_DeformConv2d):
-    """What detectron2's two layers share: the init, the norm and activation, empty inputs."""
+    """What detectron2's two layers share: the init, the forward with its norm and activation,
+    empty inputs."""
 
     def __init__(
         self,
@@ -62,8 +61,8 @@ class _Detectron2Layer(_DeformConv2d):
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias
         )
-        self.deformable_groups = check_offset_groups(
-            in_channels, deformable_groups, "deformable_groups"
+        self.deformable_groups = check_divisor(
+            deformable_groups, "deformable_groups", in_channels, "in_channels"
         )
         self.norm = norm
         self.activation = activation
@@ -80,16 +79,8 @@ class _Detectron2Layer(_DeformConv2d):
 
     def _empty_output(self, x: Tensor) -> Tensor:
         """detectron2's answer to an empty input: an empty tensor of the output's shape."""
-        height, width = (
-            (size + 2 * p - (d * (k - 1) + 1)) // s + 1
-            for size, p, d, k, s in zip(
-                x.shape[-2:],
-                self.padding,
-                self.dilation,
-                self.kernel_size,
-                self.stride,
-                strict=True,
-            )
+        height, width = output_size(
+            x.shape[-2], x.shape[-1], self.kernel_size, self.stride, self.padding, self.dilation
         )
         shape = (x.shape[0], self.out_channels, height, width)
         if min(shape) < 0 or math.prod(shape) != 0:
@@ -100,7 +91,27 @@ class _Detectron2Layer(_DeformConv2d):
         # A reshape of the empty input, so that backward reaches x as detectron2's does.
         return x.reshape(shape)
 
-    def _finish(self, out: Tensor) -> Tensor:
+    def _forward(self, x: Tensor, offset: Tensor, mask: Tensor | None) -> Tensor:
+        """Both layers' forward: ``mask`` is ``None`` for ``DeformConv``, as its ``bias`` is."""
+        self._check_input(x)
+        if x.numel() == 0:
+            return self._empty_output(x)
+        check_group_counts(
+            x, offset, mask, self.weight, self.groups, self.deformable_groups, "deformable_groups"
+        )
+        offset = without_edge_gradient(
+            offset, self.weight, self.stride, self.padding, self.dilation
+        )
+        out = deform_conv2d(
+            x,
+            offset,
+            self.weight,
+            self.bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            mask=mask,
+        )
         if self.norm is not None:
             out = self.norm(out)
         if self.activation is not None:
@@ -180,19 +191,7 @@ class DeformConv(_Detectron2Layer):
         )
 
     def forward(self, x: Tensor, offset: Tensor) -> Tensor:  # type: ignore[override]
-        self._check_input(x)
-        if x.numel() == 0:
-            return self._empty_output(x)
-        check_group_counts(
-            x, offset, None, self.weight, self.groups, self.deformable_groups, "deformable_groups"
-        )
-        offset = without_edge_gradient(
-            offset, self.weight, self.stride, self.padding, self.dilation
-        )
-        out = deform_conv2d(
-            x, offset, self.weight, stride=self.stride, padding=self.padding, dilation=self.dilation
-        )
-        return self._finish(out)
+        return self._forward(x, offset, None)
 
 
 class ModulatedDeformConv(_Detectron2Layer):
@@ -259,23 +258,4 @@ class ModulatedDeformConv(_Detectron2Layer):
         self.with_bias = bool(bias)
 
     def forward(self, x: Tensor, offset: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
-        self._check_input(x)
-        if x.numel() == 0:
-            return self._empty_output(x)
-        check_group_counts(
-            x, offset, mask, self.weight, self.groups, self.deformable_groups, "deformable_groups"
-        )
-        offset = without_edge_gradient(
-            offset, self.weight, self.stride, self.padding, self.dilation
-        )
-        out = deform_conv2d(
-            x,
-            offset,
-            self.weight,
-            self.bias,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            mask=mask,
-        )
-        return self._finish(out)
+        return self._forward(x, offset, mask)

@@ -42,12 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deformconv._validation import check_int
-from deformconv.compat._common import (
-    check_group_counts,
-    check_offset_groups,
-    without_edge_gradient,
-)
+from deformconv._validation import check_divisor, check_int
+from deformconv.compat._common import check_group_counts, without_edge_gradient
 from deformconv.nn.deform_conv import DeformConv2d as _DeformConv2d
 from deformconv.ops.deform_conv import deform_conv2d as _deform_conv2d
 
@@ -177,13 +173,13 @@ def _deform_groups(deformable_groups: int | None, deform_groups: int, cls: str) 
     return deformable_groups
 
 
-def _offset_branch(layer: _DeformConv2d, per_tap: int) -> nn.Conv2d:
+def _offset_branch(layer: _MmcvLayer, per_tap: int) -> nn.Conv2d:
     """mmcv's ``conv_offset``: ``per_tap`` channels per tap and offset group (2 for offsets,
     3 with the mask logits), with the layer's geometry and a bias."""
     kh, kw = layer.kernel_size
     return nn.Conv2d(
         layer.in_channels,
-        layer.deform_groups * per_tap * kh * kw,  # type: ignore[operator]
+        layer.deform_groups * per_tap * kh * kw,
         kernel_size=layer.kernel_size,
         stride=layer.stride,
         padding=layer.padding,
@@ -192,7 +188,42 @@ def _offset_branch(layer: _DeformConv2d, per_tap: int) -> nn.Conv2d:
     )
 
 
-class DeformConv2d(_DeformConv2d):
+class _MmcvLayer(_DeformConv2d):
+    """What mmcv's two layers share: ``deform_groups`` and the attributes of ``nn.Conv2d`` that
+    mmcv adds."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntPair,
+        stride: IntPair,
+        padding: IntPair,
+        dilation: IntPair,
+        groups: int,
+        deform_groups: int,
+        bias: bool,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias
+        )
+        self.deform_groups = check_divisor(
+            deform_groups, "deform_groups", in_channels, "in_channels"
+        )
+        # mmcv sets these "to enable compatibility with nn.Conv2d"
+        self.transposed = False
+        self.output_padding = (0,)
+
+    @property
+    def offset_groups(self) -> int:
+        """``deform_groups`` under deformconv's name."""
+        return self.deform_groups
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", deform_groups={self.deform_groups}"
+
+
+class DeformConv2d(_MmcvLayer):
     """mmcv's ``DeformConv2d``: deformable convolution v1 whose offsets come from the caller.
 
     No bias; the weight starts as ``kaiming_uniform_(nonlinearity="relu")``, as in mmcv.
@@ -240,18 +271,17 @@ class DeformConv2d(_DeformConv2d):
         if bias:
             raise ValueError(f"bias={bias!r} is not supported in DeformConv2d (mmcv's has none)")
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, False
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            deform_groups,
+            False,
         )
-        self.deform_groups = check_offset_groups(in_channels, deform_groups, "deform_groups")
         self.im2col_step = check_int(im2col_step, "im2col_step")
-        # mmcv sets these "to enable compatibility with nn.Conv2d"
-        self.transposed = False
-        self.output_padding = (0,)
-
-    @property
-    def offset_groups(self) -> int:
-        """``deform_groups`` under deformconv's name."""
-        return self.deform_groups
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.weight, nonlinearity="relu")
@@ -270,9 +300,6 @@ class DeformConv2d(_DeformConv2d):
             False,
             self.im2col_step,
         )
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", deform_groups={self.deform_groups}"
 
 
 class DeformConv2dPack(DeformConv2d):
@@ -312,7 +339,7 @@ class DeformConv2dPack(DeformConv2d):
         return super().forward(x, self.conv_offset(x))
 
 
-class ModulatedDeformConv2d(_DeformConv2d):
+class ModulatedDeformConv2d(_MmcvLayer):
     """mmcv's ``ModulatedDeformConv2d``: DCNv2 whose offsets and mask come from the caller.
 
     The weight starts uniform in ``±1 / sqrt(in_channels * kh * kw)`` and the bias at zero
@@ -359,16 +386,16 @@ class ModulatedDeformConv2d(_DeformConv2d):
     ) -> None:
         deform_groups = _deform_groups(deformable_groups, deform_groups, type(self).__name__)
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bool(bias)
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            deform_groups,
+            bool(bias),
         )
-        self.deform_groups = check_offset_groups(in_channels, deform_groups, "deform_groups")
-        self.transposed = False
-        self.output_padding = (0,)
-
-    @property
-    def offset_groups(self) -> int:
-        """``deform_groups`` under deformconv's name."""
-        return self.deform_groups
 
     def reset_parameters(self) -> None:
         self.init_weights()
@@ -394,9 +421,6 @@ class ModulatedDeformConv2d(_DeformConv2d):
             self.groups,
             self.deform_groups,
         )
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", deform_groups={self.deform_groups}"
 
 
 class ModulatedDeformConv2dPack(ModulatedDeformConv2d):

@@ -1,6 +1,7 @@
 """The demo's figures: where the trained deformable layers sample on deformed digits, their offset
 fields, how their sampling spread follows the digits' scale, the training curves, and the
-restoration task's inputs, outputs and targets (occluded digits: :mod:`~deformconv.demo.occluded_sampling`).
+restoration task's inputs, outputs and targets (occluded digits:
+:mod:`~deformconv.demo.occluded_sampling`).
 
 Every function returns a ``matplotlib.figure.Figure``; the command line saves them.
 """

@@ -118,8 +118,8 @@ def occlusion_sampling_figure(
     unoccluded (left).
 
     Two top-layer units are followed down every deformable layer in both panels: the unit on
-    the digit (:func:`~deformconv.demo.figures.unit_positions`, on the unoccluded digit) and the unit over the
-    occluder (:func:`occluder_unit`); the occluder's outline is drawn in both.
+    the digit (:func:`~deformconv.demo.figures.unit_positions`, on the unoccluded digit) and the
+    unit over the occluder (:func:`occluder_unit`); the occluder's outline is drawn in both.
 
     Args:
         model: a classifier with deformable layers.

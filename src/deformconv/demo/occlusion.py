@@ -23,7 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["OCCLUDERS", "Occlusion", "coverage", "digit_pixels", "occlude"]
+from deformconv.demo.data import Split
+
+__all__ = ["OCCLUDERS", "Occlusion", "coverage", "digit_pixels", "occlude", "occluded_split"]
 
 OCCLUDERS: tuple[str, ...] = ("rectangle", "blob")
 
@@ -169,3 +171,17 @@ def occlude(
     masks = masks.view(n, 1, h, w)
     out = torch.where(masks, torch.full_like(images, occlusion.fill), images)
     return out, masks
+
+
+def occluded_split(split: Split, occlusion: Occlusion, seed: int) -> Split:
+    """A fixed occluded copy of ``split``, drawn from a generator seeded with ``seed``, with its
+    ``occluders`` (the labels are ``split``'s).
+
+    Example:
+        >>> split = Split(torch.rand(2, 1, 8, 8), torch.tensor([3, 7]))
+        >>> copy = occluded_split(split, Occlusion(fraction=0.5), seed=0)
+        >>> tuple(copy.occluders.shape), copy.labels.tolist()
+        ((2, 1, 8, 8), [3, 7])
+    """
+    images, occluders = occlude(split.images, occlusion, torch.Generator().manual_seed(seed))
+    return Split(images, split.labels, occluders=occluders)

@@ -11,8 +11,9 @@ of its weights on the same deformed digits for the same number of epochs.
 Protocol 3 ("occlusion"): as protocol 1, but both networks train on occluded digits (a random
 rectangle or blob over a stated fraction of each digit, drawn afresh every epoch).
 
-Every model is tested on plain, deformed and occluded copies of the test digits. Every model is selected on its validation split (deformed when it trained on deformed digits);
-the test splits are only evaluated.
+Every model is tested on plain, deformed and occluded copies of the test digits, and selected on
+its validation split (deformed when it trained on deformed digits, occluded when on occluded
+ones); the test splits are only evaluated.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from deformconv.demo.data import (
     load_dataset,
 )
 from deformconv.demo.models import DigitCNN, ModelConfig, deformable_twin
-from deformconv.demo.occlusion import Occlusion, coverage, occlude
+from deformconv.demo.occlusion import Occlusion, coverage, occluded_split
 from deformconv.demo.train import (
     ProgressCallback,
     TrainConfig,
@@ -237,11 +238,6 @@ def _deformed_copy(split: Split, deformation: Deformation, seed: int) -> Split:
     return Split(images, split.labels, transform.scale)
 
 
-def _occluded_copy(split: Split, occlusion: Occlusion, seed: int) -> Split:
-    images, occluders = occlude(split.images, occlusion, torch.Generator().manual_seed(seed))
-    return Split(images, split.labels, occluders=occluders)
-
-
 def _mean_coverage(plain: Split, occluded: Split) -> float:
     assert occluded.occluders is not None
     return float(coverage(plain.images, occluded.occluders).mean())
@@ -254,8 +250,8 @@ def _prepare(config: DemoConfig, splits: DigitSplits) -> _Data:
         splits,
         _deformed_copy(splits.val, config.deformation, config.seed + 1_000_001),
         _deformed_copy(splits.test, config.deformation, config.seed + 2_000_003),
-        _occluded_copy(splits.val, config.occlusion, config.seed + 3_000_017),
-        _occluded_copy(splits.test, config.occlusion, config.seed + 4_000_037),
+        occluded_split(splits.val, config.occlusion, config.seed + 3_000_017),
+        occluded_split(splits.test, config.occlusion, config.seed + 4_000_037),
     )
 
 

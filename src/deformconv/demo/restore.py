@@ -27,7 +27,7 @@ from deformconv.demo.encoder_decoder import (
     EncoderDecoderConfig,
     deformable_encoder,
 )
-from deformconv.demo.occlusion import Occlusion, occlude
+from deformconv.demo.occlusion import Occlusion, occluded_split
 from deformconv.demo.train import (
     ProgressCallback,
     ProgressUpdate,
@@ -240,8 +240,8 @@ def train_restorer(
         val_input: fixed occluded validation digits (with their ``occluders``), for model
             selection.
         val_target: the clean originals of ``val_input``.
-        config: the schedule (``trainable`` and ``offset_lr_mult`` apply as in training a
-            classifier).
+        config: the schedule (``offset_lr_mult`` applies as in training a classifier; every
+            parameter trains, whatever ``trainable`` says).
         occlusion: the random occlusion of the training inputs.
         task: name passed to ``progress``.
         progress: called after every optimisation step.
@@ -299,11 +299,6 @@ def train_restorer(
     return row
 
 
-def _occluded(split: Split, occlusion: Occlusion, seed: int) -> Split:
-    images, occluders = occlude(split.images, occlusion, torch.Generator().manual_seed(seed))
-    return Split(images, split.labels, occluders=occluders)
-
-
 def run_restore(
     config: RestoreConfig,
     device: torch.device | str = "cpu",
@@ -325,8 +320,8 @@ def run_restore(
         config.data, config.size, config.digit_side(), config.root, config.limit, config.seed
     )
     # Fixed occluded copies, never trained on; the seeds differ from the classifier protocols'.
-    val_input = _occluded(splits.val, config.occlusion, config.seed + 5_000_011)
-    test_input = _occluded(splits.test, config.occlusion, config.seed + 6_000_023)
+    val_input = occluded_split(splits.val, config.occlusion, config.seed + 5_000_011)
+    test_input = occluded_split(splits.test, config.occlusion, config.seed + 6_000_023)
     assert test_input.occluders is not None
     rows = [
         RestoreRow(

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deformconv._validation import check_int
+from deformconv.ops import output_size
 from deformconv.ops.dcnv3 import dcnv3
 
 __all__ = ["DCNv3"]
@@ -24,11 +25,6 @@ _ACTIVATIONS = {
     "SiLU": lambda: nn.SiLU(inplace=True),
     "GELU": nn.GELU,
 }
-
-
-class _ToChannelsFirst(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
-        return x.permute(0, 3, 1, 2)
 
 
 class _ToChannelsLast(nn.Module):
@@ -101,8 +97,7 @@ def _check_same_size(layer: nn.Module, height: int, width: int) -> None:
     """The layers predict one set of offsets per input pixel (as upstream), so their core must
     keep the spatial size."""
     k, s, p, d = layer.kernel_size, layer.stride, layer.pad, layer.dilation
-    out_h = (height + 2 * p - d * (k - 1) - 1) // s + 1
-    out_w = (width + 2 * p - d * (k - 1) - 1) // s + 1
+    out_h, out_w = output_size(height, width, (k, k), (s, s), (p, p), (d, d))
     if (out_h, out_w) != (height, width):
         raise ValueError(
             f"{type(layer).__name__} predicts offsets for every input pixel, so kernel_size={k}, "

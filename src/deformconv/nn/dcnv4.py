@@ -144,8 +144,8 @@ class DCNv4(nn.Module):
         return height, width
 
     def forward(self, input: Tensor, shape: tuple[int, int] | None = None) -> Tensor:
-        n, length, channels = input.shape if input.dim() == 3 else (0, 0, 0)
         height, width = self._shape(input, shape)
+        n, length, channels = input.shape
         _check_same_size(self, height, width)
         x = input if self.without_pointwise else self.value_proj(input)
         x = x.reshape(n, height, width, -1)

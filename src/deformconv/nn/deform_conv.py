@@ -19,7 +19,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from deformconv._validation import check_int, to_pair
+from deformconv._validation import check_divisor, check_int, to_pair
+from deformconv.nn.depthwise import _geometry_repr
 from deformconv.ops.deform_conv import deform_conv2d
 
 __all__ = ["DeformConv2d", "DeformableConv2d"]
@@ -71,17 +72,8 @@ class DeformConv2d(nn.Module):
         super().__init__()
         check_int(in_channels, "in_channels")
         check_int(out_channels, "out_channels")
-        check_int(groups, "groups")
-        if in_channels % groups != 0:
-            raise ValueError(
-                f"in_channels must be divisible by groups, got in_channels={in_channels}, "
-                f"groups={groups}"
-            )
-        if out_channels % groups != 0:
-            raise ValueError(
-                f"out_channels must be divisible by groups, got out_channels={out_channels}, "
-                f"groups={groups}"
-            )
+        check_divisor(groups, "groups", in_channels, "in_channels")
+        check_divisor(groups, "groups", out_channels, "out_channels")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = to_pair(kernel_size, "kernel_size", 1)
@@ -130,18 +122,13 @@ class DeformConv2d(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
-        if self.stride != (1, 1):
-            s += f", stride={self.stride}"
-        if self.padding != (0, 0):
-            s += f", padding={self.padding}"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
+        parts = [f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"]
+        parts += _geometry_repr(self.stride, self.padding, self.dilation)
         if self.groups != 1:
-            s += f", groups={self.groups}"
+            parts.append(f"groups={self.groups}")
         if self.bias is None:
-            s += ", bias=False"
-        return s
+            parts.append("bias=False")
+        return ", ".join(parts)
 
 
 class DeformableConv2d(DeformConv2d):
@@ -207,12 +194,7 @@ class DeformableConv2d(DeformConv2d):
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias
         )
-        check_int(offset_groups, "offset_groups")
-        if in_channels % offset_groups != 0:
-            raise ValueError(
-                f"in_channels must be divisible by offset_groups, got in_channels={in_channels}, "
-                f"offset_groups={offset_groups}"
-            )
+        check_divisor(offset_groups, "offset_groups", in_channels, "in_channels")
         if max_offset is not None and not (
             isinstance(max_offset, int | float) and math.isfinite(max_offset) and max_offset > 0
         ):

@@ -41,10 +41,6 @@ class _Kept:
         self.nbytes = 0
 
 
-def _size(buf: Tensor) -> int:
-    return buf.numel() * buf.element_size()
-
-
 class BufferPool:
     """Named buffers, per calling thread, within the workspace budget.
 
@@ -87,15 +83,14 @@ class BufferPool:
         with self._lock:
             buf = kept.buffers.pop(key, None)
             if buf is not None:
-                kept.nbytes -= _size(buf)
+                kept.nbytes -= buf.nbytes
             others = kept.nbytes
         if buf is None or buf.numel() < numel:
             buf = torch.empty(numel, dtype=dtype)
-        size = _size(buf)
-        if others + size <= get_workspace_budget():
+        if others + buf.nbytes <= get_workspace_budget():
             with self._lock:
                 kept.buffers[key] = buf
-                kept.nbytes += size
+                kept.nbytes += buf.nbytes
         return buf[:numel]
 
     def kept_bytes(self) -> int:

@@ -157,15 +157,15 @@ def backward_path(fused: bool | None, *args: Tensor | Pair | None) -> tuple:
     grad_out, input, offset, mask, weight, bias, stride, padding, dilation = args
     with parallel_launch() as threads:
         pro = Prologue(input, offset, mask, weight, stride, padding, dilation)
+        layout = pro.layout
         if fused is None:
-            layout, item = pro.layout, input.element_size()
+            item = input.element_size()
             fused = fused_path(layout, weight.shape[0], item, backward=True, threads=threads)
         if fused:
             grads = _backward_fused(pro, grad_out, threads)
         else:
             grads = _backward_unfused(pro, grad_out, threads)
     grad_input, grad_offset, grad_mask, grad_weight_rows = grads
-    layout = pro.layout
     grad_weight = (
         grad_weight_rows.view(weight.shape[0], layout.kernel_h, layout.kernel_w, -1)
         .permute(0, 3, 1, 2)
@@ -221,10 +221,18 @@ def _grad_rows(grad_out: Tensor) -> Tensor:
 
 def _grad_input(pro: Prologue) -> Tensor:
     """The zeroed padded channels-last input gradient, in a reused buffer."""
-    grad_xp = cpu_buffers.get("deform_conv2d.grad_input", pro.padded.numel(), pro.dtype)
-    grad_xp = grad_xp.view(pro.padded.shape)
+    grad_xp = scratch("deform_conv2d.grad_input", tuple(pro.padded.shape), pro.dtype)
     grad_xp.zero_()
     return grad_xp
+
+
+def _sum_in_order(parts: Tensor) -> Tensor:
+    """``parts[0] + parts[1] + ...`` along the first dimension, into ``parts[0]``: added in a
+    fixed order, so the sum is the same in every run."""
+    total = parts[0]
+    for part in parts[1:]:
+        total += part
+    return total
 
 
 def _slot_tasks(tasks: int, slots: int) -> np.ndarray:
@@ -253,13 +261,11 @@ def _backward_fused(pro: Prologue, grad_out: Tensor, threads: int) -> tuple:
     # full; further parts (chunks that share an offset group) start from zero.
     parts = int(chunks.part.max()) + 1
     taps = pro.offset.shape[1] // 2
-    grad_offset = torch.empty((1, layout.batch, 2 * taps, layout.pixels), dtype=dtype)
-    more_offset = torch.zeros((parts - 1, layout.batch, 2 * taps, layout.pixels), dtype=dtype)
-    mask_shape = (layout.batch, taps, layout.pixels) if pro.modulated else (1, 1, 1)
-    grad_mask = torch.empty((1, *mask_shape), dtype=dtype)
-    more_mask = torch.zeros((parts - 1, *mask_shape) if pro.modulated else (0,), dtype=dtype)
-    offset_parts = torch.cat([grad_offset, more_offset]) if parts > 1 else grad_offset
-    mask_parts = torch.cat([grad_mask, more_mask]) if parts > 1 and pro.modulated else grad_mask
+    offset_parts = torch.empty((parts, layout.batch, 2 * taps, layout.pixels), dtype=dtype)
+    offset_parts[1:].zero_()
+    mask_shape = (parts, layout.batch, taps, layout.pixels) if pro.modulated else (1, 1, 1, 1)
+    mask_parts = torch.empty(mask_shape, dtype=dtype)
+    mask_parts[1:].zero_()
     grad_weight_slots = torch.zeros((slots, out_channels, group_width), dtype=dtype)
 
     tile = _fused_tile(layout.taps * int(chunks.length.max()) * pro.padded.element_size())
@@ -278,29 +284,27 @@ def _backward_fused(pro: Prologue, grad_out: Tensor, threads: int) -> tuple:
         grad_cols.numpy(), cols.numpy(), grad_xp.view(layout.batch, -1).numpy(),
         offset_parts.numpy(), mask_parts.numpy(), grad_weight_slots.numpy(),
     )  # fmt: skip
-    # Parts and slots are added in a fixed order, so the sums are the same in every run.
-    grad_offset = offset_parts[0]
-    for part in offset_parts[1:]:
-        grad_offset += part
-    grad_mask = mask_parts[0] if pro.modulated else None
-    for part in mask_parts[1:] if pro.modulated else ():
-        grad_mask += part
-    chunked = grad_weight_slots[0].clone()
-    for slot in grad_weight_slots[1:]:
-        chunked += slot
-    chunked = chunked.view(layout.groups, group_out, group_width)
+    grad_offset = _sum_in_order(offset_parts)
+    grad_mask = _sum_in_order(mask_parts) if pro.modulated else None
+    chunked = _sum_in_order(grad_weight_slots).view(layout.groups, group_out, group_width)
     grad_weight_rows = torch.empty_like(chunked)
     for g in range(layout.groups):
         grad_weight_rows[g][:, index[g]] = chunked[g]
     return unpadded(grad_xp), grad_offset, grad_mask, grad_weight_rows.view(out_channels, -1)
 
 
+def _unfused_tiles(pro: Prologue) -> tuple[list[tuple[int, int]], int]:
+    """The unfused path's tiles (:meth:`~deformconv.ops._cpu_layout.Layout.tiles`) and the
+    rows of the first, the largest."""
+    tiles = pro.layout.tiles(pro.padded.element_size(), min(TILE_BYTES, get_workspace_budget()))
+    return tiles, tiles[0][1] - tiles[0][0]
+
+
 def _forward_unfused(pro: Prologue, bias: Tensor | None) -> Tensor:
     layout = pro.layout
     out_channels = pro.weight_rows.shape[0]
     b = None if bias is None else bias.detach().contiguous()
-    tiles = layout.tiles(pro.padded.element_size(), min(TILE_BYTES, get_workspace_budget()))
-    rows = tiles[0][1] - tiles[0][0]
+    tiles, rows = _unfused_tiles(pro)
     out = torch.empty((layout.batch, out_channels, layout.pixels), dtype=pro.dtype)
     buffer = cpu_buffers.get("deform_conv2d.cols", rows * layout.row_size, pro.dtype)
     runs = pro.runs
@@ -335,8 +339,7 @@ def _scatter_chunk(layout: Layout, tile_rows: int, threads: int) -> int:
 def _backward_unfused(pro: Prologue, grad_out: Tensor, threads: int) -> tuple:
     layout, dtype = pro.layout, pro.dtype
     out_channels = pro.weight_rows.shape[0]
-    tiles = layout.tiles(pro.padded.element_size(), min(TILE_BYTES, get_workspace_budget()))
-    rows = tiles[0][1] - tiles[0][0]
+    tiles, rows = _unfused_tiles(pro)
     grad_rows = _grad_rows(grad_out).view(-1, out_channels)
     chunks = layout.runs(_scatter_chunk(layout, rows, threads))
     grad_xp = _grad_input(pro)
@@ -363,7 +366,7 @@ def _backward_unfused(pro: Prologue, grad_out: Tensor, threads: int) -> tuple:
     # 455 pixels x 256 channels, 3.26 against 5.37 ms for 227 pixels x 512 channels, 2 threads.
     weight_t = pro.weight_rows.t().contiguous() if onednn else None
     grad_buffer = None
-    if weight_t is None:
+    if not onednn:
         grad_buffer = cpu_buffers.get("deform_conv2d.grad_cols", rows * layout.row_size, dtype)
     for n0, n1 in tiles:
         n = n1 - n0
@@ -371,7 +374,7 @@ def _backward_unfused(pro: Prologue, grad_out: Tensor, threads: int) -> tuple:
         corner = plan_corner[: n * taps].view(n, taps).numpy()
         weights = [w[: n * taps].view(n, taps).numpy() for w in plan_weights]
         g_rows = grad_rows[n0:n1]
-        if weight_t is not None:
+        if onednn:
             grad_cols = _linear(g_rows, weight_t, None)
         else:
             grad_cols = grad_buffer[: n * layout.row_size].view(n, layout.row_size)
@@ -388,12 +391,10 @@ def _backward_unfused(pro: Prologue, grad_out: Tensor, threads: int) -> tuple:
         )  # fmt: skip
         # The weight gradient of this tile and the column gradient of the next are neighbours,
         # so the loop alternates between Numba kernels and matrix multiplies twice per tile.
-        if weight_t is not None:
+        if onednn:
             grad_w = _weight_grad_onednn(grad_w, g_rows, cols, grad_cols)
         else:
             _weight_grad_add(grad_w, g_rows, cols, layout.groups)
-    if grad_w is None:  # no tile (an empty batch)
-        grad_w = torch.zeros(pro.weight_rows.shape, dtype=dtype)
     return unpadded(grad_xp), grad_offset, grad_mask, grad_w
 
 

@@ -287,7 +287,7 @@ def padded_channels_last(x: Tensor, name: str) -> Tensor:
     """``(B, C, H, W) -> (B, H + 2, W + 2, C)`` with a zero border, in the reused buffer
     ``name``."""
     b, c, h, w = x.shape
-    xp = cpu_buffers.get(name, b * (h + 2) * (w + 2) * c, x.dtype).view(b, h + 2, w + 2, c)
+    xp = scratch(name, (b, h + 2, w + 2, c), x.dtype)
     xp[:, 0].zero_()
     xp[:, -1].zero_()
     xp[:, 1:-1, 0].zero_()
@@ -299,7 +299,7 @@ def padded_channels_last(x: Tensor, name: str) -> Tensor:
 def channels_last_rows(x: Tensor, name: str) -> Tensor:
     """``(B, C, H, W) -> (B, H * W, C)``, in the reused buffer ``name``."""
     b, c, h, w = x.shape
-    rows = cpu_buffers.get(name, x.numel(), x.dtype).view(b, h, w, c)
+    rows = scratch(name, (b, h, w, c), x.dtype)
     _to_channels_last(x.numpy(), rows.numpy(), 0)
     return rows.view(b, h * w, c)
 

@@ -252,9 +252,9 @@ def _backward(
 
 @functools.lru_cache(maxsize=64)
 def _static(s: Sampling, batch: int, dtype: np.dtype) -> tuple:
-    """``(geo, centre_y, centre_x, tap_x, tap_y, consts)``: what a call's kernels read that depends only
-    on its shapes; cached (read-only) because a network calls each layer with the same shapes
-    again and again."""
+    """``(geo, centre_y, centre_x, tap_x, tap_y, consts)``: what a call's kernels read that
+    depends only on its shapes; cached (read-only) because a network calls each layer with the
+    same shapes again and again."""
     geo = _Geometry(
         batch=batch,
         height=s.height,

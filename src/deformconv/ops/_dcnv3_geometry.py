@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from deformconv.ops._geometry import output_size
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -156,8 +158,7 @@ def make_sampling(
         >>> (s.out_h, s.out_w, s.channels, s.points, s.offset_width)
         (56, 56, 64, 9, 72)
     """
-    out_h = (height + 2 * pad[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
-    out_w = (width + 2 * pad[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    out_h, out_w = output_size(height, width, kernel, stride, pad, dilation)
     points = kernel[0] * kernel[1] - int(remove_center)
     if offset_width is None:
         offset_width = group * points * (3 if packed else 2)
@@ -181,3 +182,25 @@ def make_sampling(
         packed=packed,
         offset_width=offset_width,
     )
+
+
+def operator_sampling(
+    height: int, width: int, offset_width: int | None, params: tuple, packed: bool
+) -> Sampling:
+    """The :class:`Sampling` of an operator call: ``params`` are the operators' arguments from
+    ``kernel_h`` to ``remove_center``, in their order; ``packed`` for DCNv4.
+
+    DCNv3's reference pads H by ``pad_w`` and W by ``pad_h`` (see the module docstring); DCNv4
+    pads each axis by its own.
+
+    Example:
+        >>> s = operator_sampling(8, 9, None, (3, 3, 1, 1, 0, 1, 1, 1, 2, 4, 1.0, False), False)
+        >>> (s.pad_y, s.pad_x, s.out_h, s.out_w)
+        (1, 0, 8, 7)
+    """
+    kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, scale, rc = params
+    pad = (ph, pw) if packed else (pw, ph)
+    return make_sampling(
+        height, width, (kh, kw), (sh, sw), pad, (dh, dw), group, group_channels, scale, rc,
+        packed, offset_width,
+    )  # fmt: skip

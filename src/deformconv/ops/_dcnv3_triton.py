@@ -21,11 +21,8 @@ on machines without a GPU. ``offset`` and ``mask`` are the same ``offset_mask`` 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 import triton
-import triton.language as tl
 from torch import Tensor
 
 from deformconv.ops import _launch
@@ -36,7 +33,7 @@ from deformconv.ops._dcnv3_triton_kernels import (
     scatter_plan_kernel,
 )
 from deformconv.ops._launch import cdiv, on_tensor_device
-from deformconv.ops._triton import KERNEL_FAULTS
+from deformconv.ops._triton import _SORT_BYTES_PER_ELEMENT, KERNEL_FAULTS, _acc_dtype, _tl_acc
 from deformconv.ops._workspace import batch_chunks
 
 __all__ = ["KERNEL_FAULTS", "NATIVE_LOW_PRECISION", "backward", "forward"]
@@ -46,13 +43,8 @@ NATIVE_LOW_PRECISION = True
 _BLOCK_Q = 32
 _MAX_BLOCK_D = 32
 # Bytes per contribution of the deterministic path: the value, its int64 destination and the
-# sort buffers of PyTorch's deterministic scatter_add_ (as in deformconv.ops._triton).
-_SCATTER_BYTES = 4 + 8 + 32
-
-
-def _acc(dtype: torch.dtype) -> tuple[torch.dtype, object]:
-    """The compute dtype for tensors of ``dtype``, as a torch and a Triton dtype."""
-    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+# sort buffers of PyTorch's deterministic scatter_add_.
+_SCATTER_BYTES = 4 + 8 + _SORT_BYTES_PER_ELEMENT
 
 
 def _sizes(s: Sampling) -> tuple[int, ...]:
@@ -69,11 +61,9 @@ def _blocks(s: Sampling) -> tuple[int, int]:
     return min(triton.next_power_of_2(s.group_channels), _MAX_BLOCK_D), cdiv(s.pixels, _BLOCK_Q)
 
 
-def _launches(n: int, s: Sampling) -> Iterator[tuple[int, int, tuple[int]]]:
+def _launches(n: int, s: Sampling) -> list[tuple[int, int, tuple[int]]]:
     """``(start, stop, grid)`` of the launches covering ``n`` images."""
-    per_image = s.group * _blocks(s)[1]
-    for start, stop in _launch.split_rows(n, per_image):
-        yield start, stop, ((stop - start) * per_image,)
+    return _launch.grids(n, s.group * _blocks(s)[1])
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -83,7 +73,7 @@ def _rows(t: Tensor) -> Tensor:
 
 def _scale(input: Tensor, s: Sampling) -> Tensor:
     # A tensor, not a float argument: Triton would pass a float as float32.
-    return torch.tensor([s.offset_scale], dtype=_acc(input.dtype)[0], device=input.device)
+    return torch.tensor([s.offset_scale], dtype=_acc_dtype(input.dtype), device=input.device)
 
 
 @on_tensor_device
@@ -93,18 +83,17 @@ def forward(input: Tensor, offset: Tensor, mask: Tensor, s: Sampling) -> Tensor:
     off = _rows(offset)
     msk = off if s.packed else _rows(mask)
     out = input.new_empty((n, s.out_h, s.out_w, s.channels))
-    rows_per_image = s.pixels
     block_d, n_qb = _blocks(s)
     scale = _scale(input, s)
     for a, b, grid in _launches(n, s):
         xs = input[a:b]
-        offs = off[a * rows_per_image : b * rows_per_image]
-        ms = msk[a * rows_per_image : b * rows_per_image]
+        offs = off[a * s.pixels : b * s.pixels]
+        ms = msk[a * s.pixels : b * s.pixels]
         outs = out[a:b]
         _launch.launch(
             forward_kernel, grid, xs, offs, ms, scale, outs, *_sizes(s), *xs.stride(), n_qb,
             BLOCK_Q=_BLOCK_Q, BLOCK_D=block_d, INDEX_64=_launch.needs_int64(xs, offs, ms, outs),
-            ACC=_acc(input.dtype)[1],
+            ACC=_tl_acc(input.dtype),
         )  # fmt: skip
     return out
 
@@ -142,7 +131,7 @@ def _deterministic_input_grad(
                 scatter_plan_kernel, grid, off[rows], msk[rows], scale, gs, contrib, target, dy,
                 dx, *_sizes(s), n_qb, BLOCK_Q=_BLOCK_Q, BLOCK_D=block_d,
                 INDEX_64=_launch.needs_int64(off[rows], msk[rows], gs, contrib, dest),
-                ACC=_acc(gout.dtype)[1],
+                ACC=_tl_acc(gout.dtype),
             )  # fmt: skip
             dest.view(-1).scatter_add_(0, target, contrib)
             del contrib, target
@@ -155,7 +144,7 @@ def backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients with respect to input, offset and mask (contiguous, their shapes and dtypes)."""
     n = input.shape[0]
-    acc_dtype, acc_tl = _acc(input.dtype)
+    acc_dtype, acc_tl = _acc_dtype(input.dtype), _tl_acc(input.dtype)
     off = _rows(offset)
     msk = off if s.packed else _rows(mask)
     gout = grad_out.contiguous()

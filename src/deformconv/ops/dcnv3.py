@@ -11,8 +11,8 @@ kernel's numbers. Any kernel size, stride, dilation, group count and group width
 Each functional validates its arguments and calls a custom operator
 (``torch.ops.deformconv.dcnv3`` / ``dcnv4``) that has a fake implementation, a registered
 autograd formula for the input, offsets and mask (the backward is its own custom operator), and
-an autocast rule (as ``deform_conv2d``'s). Kernels come through the dispatcher as family ``"dcnv3"``:
-Numba on CPU, Triton on CUDA, the portable PyTorch kernel everywhere else.
+an autocast rule (as ``deform_conv2d``'s). Kernels come through the dispatcher as family
+``"dcnv3"``: Numba on CPU, Triton on CUDA, the portable PyTorch kernel everywhere else.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch import Tensor
 
 from deformconv._validation import check_int
 from deformconv.ops import _dcnv3_portable, _dispatch
-from deformconv.ops._dcnv3_geometry import Sampling, make_sampling
+from deformconv.ops._dcnv3_geometry import Sampling, operator_sampling
 from deformconv.ops._precision import autocast_will_cast, needs_float32, register_autocast
 
 __all__ = ["dcnv3", "dcnv4"]
@@ -117,22 +117,9 @@ def _sampling(
             f"{group_channels} = {group * group_channels}, got {input.shape[3]} "
             f"(input shape {_shape(input)})"
         )
-    # DCNv3's reference pads H by pad_w and W by pad_h (see _dcnv3_geometry); DCNv4 does not.
-    pad = (pad_h, pad_w) if packed else (pad_w, pad_h)
-    s = make_sampling(
-        input.shape[1],
-        input.shape[2],
-        (kernel_h, kernel_w),
-        (stride_h, stride_w),
-        pad,
-        (dilation_h, dilation_w),
-        group,
-        group_channels,
-        scale,
-        rc,
-        packed,
-        offset_width,
-    )
+    params = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+              group, group_channels, scale, rc)  # fmt: skip
+    s = operator_sampling(input.shape[1], input.shape[2], offset_width, params, packed)
     if s.out_h < 1 or s.out_w < 1:
         raise ValueError(
             f"kernel ({kernel_h}, {kernel_w}) with dilation ({dilation_h}, {dilation_w}) does not "
@@ -311,11 +298,7 @@ def dcnv4(
 
 
 def _op_sampling(input: Tensor, offset: Tensor, params: tuple, packed: bool) -> Sampling:
-    kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, scale, rc = params
-    return make_sampling(
-        input.shape[1], input.shape[2], (kh, kw), (sh, sw), (ph, pw) if packed else (pw, ph),
-        (dh, dw), group, group_channels, scale, rc, packed, offset.shape[-1],
-    )  # fmt: skip
+    return operator_sampling(input.shape[1], input.shape[2], offset.shape[-1], params, packed)
 
 
 def _run_forward(
@@ -343,8 +326,7 @@ def _run_backward(
     """Shared preparation of every device's backward; for DCNv4 the offset and mask gradients
     are one tensor."""
     if input.shape[0] == 0:
-        grad_offset = torch.zeros_like(offset)
-        return torch.zeros_like(input), grad_offset, torch.zeros_like(mask)
+        return torch.zeros_like(input), torch.zeros_like(offset), torch.zeros_like(mask)
     dtype = input.dtype
     if needs_float32(kernels, dtype):
         up = offset.float()

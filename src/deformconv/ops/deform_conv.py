@@ -187,6 +187,11 @@ def deform_conv2d(
 # The custom operators. Arguments arrive validated by deform_conv2d.
 
 
+def _pairs(params: Sequence[int]) -> tuple[Pair, Pair, Pair]:
+    """``(stride, padding, dilation)`` from the operators' six ints."""
+    return tuple(params[0:2]), tuple(params[2:4]), tuple(params[4:6])
+
+
 def _run_forward(
     kernels: ModuleType,
     input: Tensor,
@@ -197,7 +202,7 @@ def _run_forward(
     params: Sequence[int],
 ) -> Tensor:
     """Shared preparation of every device's forward: empty batches and low precision."""
-    stride, padding, dilation = tuple(params[0:2]), tuple(params[2:4]), tuple(params[4:6])
+    stride, padding, dilation = _pairs(params)
     out_h, out_w = offset.shape[-2:]
     if input.shape[0] == 0:
         return input.new_zeros((0, weight.shape[0], out_h, out_w))
@@ -219,7 +224,7 @@ def _run_backward(
     params: Sequence[int],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Shared preparation of every device's backward; absent mask or bias get empty gradients."""
-    stride, padding, dilation = tuple(params[0:2]), tuple(params[2:4]), tuple(params[4:6])
+    stride, padding, dilation = _pairs(params)
     dtype = input.dtype
     if input.shape[0] == 0:
         grads = (
@@ -370,9 +375,7 @@ def _double_backward(ctx, *grads: Tensor | None):
         leaves = [None if t is None else t.detach().to(compute).requires_grad_() for t in saved]
         grad_out, input, offset, mask, weight, bias = leaves
         primals = [t for t in leaves[1:] if t is not None]
-        out = _portable.forward(
-            input, offset, mask, weight, bias, (p[0], p[1]), (p[2], p[3]), (p[4], p[5])
-        )
+        out = _portable.forward(input, offset, mask, weight, bias, *_pairs(p))
         first = torch.autograd.grad(out, primals, grad_out, create_graph=True)
         # grads[i] flows into output i (input, offset, mask, weight, bias gradient); the ones
         # of an absent mask or bias belong to empty placeholders.

@@ -75,7 +75,7 @@ def _dcnv_translations(op: Any) -> dict[Any, Callable[..., Any]]:
     import numpy as np
     from onnxscript import ir
 
-    from deformconv.ops._dcnv3_geometry import make_sampling
+    from deformconv.ops._dcnv3_geometry import operator_sampling
 
     def const(array: np.ndarray, like: Any) -> Any:
         return op.Constant(value=ir.tensor(array.astype(like.dtype.numpy())))
@@ -113,12 +113,7 @@ def _dcnv_translations(op: Any) -> dict[Any, Callable[..., Any]]:
         return op.Reshape(out, ints(-1, s.out_h, s.out_w, g * d))
 
     def sampling(input, offset, params, packed):
-        kh, kw, sh, sw, ph, pw, dh, dw, group, gc, scale, rc = params
-        pad = (ph, pw) if packed else (pw, ph)  # DCNv3's reference pads H by pad_w (dcnv3.py)
-        return make_sampling(
-            input.shape[1], input.shape[2], (kh, kw), (sh, sw), pad, (dh, dw), group, gc,
-            scale, rc, packed, offset.shape[3],
-        )  # fmt: skip
+        return operator_sampling(input.shape[1], input.shape[2], offset.shape[3], params, packed)
 
     def dcnv3(input, offset, mask, *params):
         s = sampling(input, offset, params, packed=False)

@@ -31,6 +31,7 @@ from deformconv.tools.factorize import (
     full_rank,
 )
 from deformconv.tools.model_cost import _tensors, model_cost
+from deformconv.tools.module_spec import _inspection_run
 
 __all__ = [
     "LayerReport",
@@ -238,13 +239,10 @@ def factorize_model(
 
     handles = [m.register_forward_hook(hook) for _, m in convs]
     try:
-        with torch.no_grad():
+        with _inspection_run(work, handles):
             reference = work(x)
     except Exception as exc:
         raise ValueError(f"the model failed on an input of shape {tuple(x.shape)}: {exc}") from exc
-    finally:
-        for handle in handles:
-            handle.remove()
 
     ran = [m for _, m in convs if id(m) in measured]
     candidates = [
@@ -395,16 +393,10 @@ def _model_input(
     if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in input_shape):
         raise ValueError(f"input_shape must be positive ints, got {input_shape!r}")
     param = next(iter(model.parameters()), None)
-    like = (
-        {"device": None, "dtype": torch.get_default_dtype()}
-        if param is None
-        else {
-            "device": param.device,
-            "dtype": param.dtype,
-        }
-    )
     x = torch.randn(*input_shape, generator=generator, dtype=torch.float64)
-    return x.to(**like)
+    if param is None:
+        return x.to(torch.get_default_dtype())
+    return x.to(device=param.device, dtype=param.dtype)
 
 
 def conv_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from deformconv._validation import Pair
-from deformconv.nn.deform_conv import DeformableConv2d, DeformConv2d
+from deformconv.nn.deform_conv import DeformConv2d
 from deformconv.nn.depthwise import DepthwiseConv2d
 from deformconv.nn.separable import DeformableSeparableConv2d, SeparableConv2d
 from deformconv.nn.spatial import SpatiallySeparableConv2d
@@ -100,9 +100,9 @@ def spec_from_module(module: nn.Module) -> ConvSpec:
             bias=module.bias is not None,
         )
     if isinstance(module, DeformConv2d) or _is_torchvision_deform_conv(module):
-        # Layers that predict their own offsets (ours and the compat classes) hold the branch
-        # named conv_offset, and say offset_groups and modulated as DeformableConv2d does.
-        own_branch = isinstance(module, DeformableConv2d) or hasattr(module, "conv_offset")
+        # Layers that predict their own offsets (DeformableConv2d and the compat classes) hold
+        # the branch named conv_offset, and say offset_groups and modulated as it does.
+        own_branch = hasattr(module, "conv_offset")
         return ConvSpec(
             "deformable",
             module.in_channels,  # type: ignore[arg-type]

@@ -100,7 +100,11 @@ def _ours(t: dict[str, Tensor]) -> Tensor:
     return deform_conv2d(t["input"], t["offset"], t["weight"], t["bias"], mask=t["mask"], **_PARAMS)
 
 
-def _grads(fn: Callable[[dict[str, Tensor]], Tensor], t: dict[str, Tensor]):
+# The output of a run, and the gradients of the tensors named in _NAMES, in that order.
+Run = tuple[Tensor, list[Tensor]]
+
+
+def _grads(fn: Callable[[dict[str, Tensor]], Tensor], t: dict[str, Tensor]) -> Run:
     leaves = {k: v.clone().requires_grad_(True) for k, v in t.items()}
     out = fn(leaves)
     grads = torch.autograd.grad(out, [leaves[n] for n in _NAMES], torch.ones_like(out))
@@ -111,9 +115,7 @@ def _max_diff(a: Tensor, b: Tensor) -> float:
     return float((a.double() - b.double()).abs().max())
 
 
-def _compare(
-    label: str, reference: str, ours: tuple[Tensor, list[Tensor]], ref, tol: float
-) -> list[CheckResult]:
+def _compare(label: str, reference: str, ours: Run, ref: Run, tol: float) -> list[CheckResult]:
     out, grads = ours
     ref_out, ref_grads = ref
     grad_diff = max(_max_diff(a, b) for a, b in zip(grads, ref_grads, strict=True))
